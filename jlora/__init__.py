@@ -1,0 +1,28 @@
+"""jlora: LoRA fine-tuning for JAX as a function transformation."""
+
+from jlora._errors import LoraError, LoraLayoutError, LoraSpecError, LoraTreeError
+from jlora._paths import path_str
+from jlora.interpreter import LoraMaterializeWarning, lora
+from jlora.merge import frozen_like, merge, unmerge
+from jlora.params import LoraParam
+from jlora.partition import lora_transform
+from jlora.spec import Layout, LoraSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layout",
+    "LoraError",
+    "LoraLayoutError",
+    "LoraMaterializeWarning",
+    "LoraParam",
+    "LoraSpec",
+    "LoraSpecError",
+    "LoraTreeError",
+    "frozen_like",
+    "lora",
+    "lora_transform",
+    "merge",
+    "path_str",
+    "unmerge",
+]

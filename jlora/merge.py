@@ -1,0 +1,73 @@
+"""Merge adapters into the base weights for export, and take them out again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora._errors import LoraError
+from jlora.params import LoraParam
+from jlora.partition import split_trees
+
+
+def _merged_leaf(w0: jax.Array, lp: LoraParam, sign: float) -> jax.Array:
+  acc = jnp.promote_types(jnp.float32, w0.dtype)
+  return (w0.astype(acc) + sign * lp.delta(acc)).astype(w0.dtype)
+
+
+def _combine(frozen: Any, trainable: Any, sign: float, check_finite: bool) -> Any:
+  paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
+  out = []
+  for path, f, t in zip(paths, f_leaves, t_leaves):
+    if isinstance(t, LoraParam):
+      leaf = _merged_leaf(f, t, sign)
+    else:
+      leaf = f if f is not None else t
+    if check_finite and leaf is not None and not bool(jnp.all(jnp.isfinite(leaf))):
+      raise LoraError(f"'{path}' has non-finite values after merging")
+    out.append(leaf)
+  return treedef.unflatten(out)
+
+
+def merge(frozen: Any, trainable: Any, *, check_finite: bool = False) -> Any:
+  """Returns the base parameters with ``W0 + s B A`` at every adapted weight.
+
+  The sum is accumulated in float32 (or wider) and cast back to W0's dtype;
+  extra trainable leaves are put back in place. The result has the
+  structure and dtypes of the original ``params``.
+
+  Args:
+    frozen: the frozen part from ``lora_transform``.
+    trainable: the (trained) trainable part.
+    check_finite: raise ``LoraError`` naming the first parameter with a NaN
+      or infinity (needs concrete arrays, not tracers).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> frozen, trainable = jlora.lora_transform(
+    ...     params, jlora.LoraSpec(rank=2, targets=["w"]), key=jax.random.key(0))
+    >>> bool(jnp.allclose(jlora.merge(frozen, trainable)["w"], params["w"]))
+    True
+  """
+  return _combine(frozen, trainable, 1.0, check_finite)
+
+
+def unmerge(merged: Any, trainable: Any) -> Any:
+  """Inverts ``merge``: returns ``frozen`` with ``W0 = W - s B A``.
+
+  ``merged`` must have None at the extra trainable leaves (as ``frozen``
+  has); use ``jlora.frozen_like(params, trainable)`` to drop them from a full
+  parameter tree first.
+  """
+  return _combine(merged, trainable, -1.0, False)
+
+
+def frozen_like(params: Any, trainable: Any) -> Any:
+  """``params`` with None wherever ``trainable`` holds a plain (extra) leaf."""
+  is_leaf = lambda x: x is None or isinstance(x, LoraParam)
+  return jax.tree_util.tree_map(
+      lambda t, p: None if (t is not None and not isinstance(t, LoraParam)) else p,
+      trainable, params, is_leaf=is_leaf)

@@ -1,0 +1,63 @@
+"""LoraParam: the trainable factors of one adapted weight."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.spec import Layout
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraParam:
+  """The low-rank pair that adapts one frozen weight W0.
+
+  A pytree node whose leaves are ``a`` and ``b`` (what optax trains); the
+  scale and layout are static metadata. The adapted weight is
+  ``W0 + scale * B A``, with factor shapes given by ``layout``::
+
+    a: (*stack, *in, r)      b: (*stack, r, *out)
+
+  Attributes:
+    a: the down-projection factor.
+    b: the up-projection factor (zeros at initialisation).
+    scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+    layout: which weight axes A and B cover.
+    dropout: rate of the dropout on the LoRA path's input (when a dropout key
+      is given to the transformed function).
+  """
+
+  a: Any
+  b: Any
+  scale: float = dataclasses.field(metadata=dict(static=True))
+  layout: Layout = dataclasses.field(metadata=dict(static=True))
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[-1]
+
+  def delta(self, dtype: Any = jnp.float32) -> jax.Array:
+    """Returns ``scale * B A`` in the frozen weight's axis order."""
+    return lowrank_product(self.a, self.b, self.scale, self.layout, dtype)
+
+
+def lowrank_product(a: jax.Array, b: jax.Array, scale: float, layout: Layout,
+                    dtype: Any = jnp.float32) -> jax.Array:
+  """``scale * B A`` laid out like the weight the layout describes."""
+  ns, ni = len(layout.stack_axes), len(layout.in_axes)
+  stack = tuple(range(ns))
+  prod = lax.dot_general(
+      a.astype(dtype), b.astype(dtype),
+      (((a.ndim - 1,), (ns,)), (stack, stack)),
+      preferred_element_type=dtype)
+  # prod axes: stack..., in..., out...; send each back to its weight axis.
+  order = layout.stack_axes + layout.in_axes + layout.out_axes
+  inverse = [order.index(axis) for axis in range(len(order))]
+  del ni
+  return jnp.transpose(prod, inverse) * jnp.asarray(scale, dtype)

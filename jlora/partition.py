@@ -1,0 +1,246 @@
+"""``lora_transform``: split a parameter pytree into frozen and trainable parts.
+
+Both parts keep the structure of the parameters (dict, FrozenDict, Flax NNX
+State, ...), with ``None`` where a leaf belongs to the other part, as
+equinox's ``partition`` does:
+
+* ``frozen`` holds every base weight, W0 included, and None at the extra
+  trainable leaves;
+* ``trainable`` holds a ``LoraParam(a, b)`` at each adapted weight, the
+  extra trainable leaves themselves, and None elsewhere.
+
+So ``optax`` given ``trainable`` keeps state for A, B and the extras alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import zlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jlora._errors import LoraLayoutError, LoraSpecError, LoraTreeError
+from jlora._paths import flatten_with_paths
+from jlora.params import LoraParam
+from jlora.spec import Layout, LoraSpec
+
+
+def _is_lora_param(x: Any) -> bool:
+  return isinstance(x, LoraParam)
+
+
+def _is_abstract(x: Any) -> bool:
+  return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _is_array_like(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def resolve_layout(path: str, leaf: Any, spec: LoraSpec,
+                   layouts: Mapping[str, Layout] | None) -> Layout:
+  """The layout of one target: spec override, then inferred, then 2-D default."""
+  layout = spec.layout_override(path)
+  if layout is None and layouts is not None:
+    layout = layouts.get(path)
+  if layout is None:
+    layout = Layout.default(len(leaf.shape))
+  if layout is None:
+    raise LoraLayoutError(
+        f"'{path}': cannot tell which axes of this {len(leaf.shape)}-D weight "
+        f"(shape {tuple(leaf.shape)}) the model contracts. Pass "
+        f"layouts=jlora.infer_layouts(fn, params, *example_args) to "
+        f"lora_transform, or LoraSpec(layouts={{regex: jlora.Layout(...)}}).")
+  layout.check(leaf.shape, path)
+  return layout
+
+
+def select_targets(pairs, spec: LoraSpec) -> tuple[list[int], list[int]]:
+  """Indices of the adapted leaves and of the extra trainable leaves."""
+  targets, extras = [], []
+  for i, (path, leaf) in enumerate(pairs):
+    if leaf is None:
+      continue
+    is_target, is_extra = spec.is_target(path, leaf), spec.is_extra_trainable(path, leaf)
+    if is_target and is_extra:
+      raise LoraSpecError(
+          f"'{path}' matches both targets and extra_trainable; a weight is either "
+          f"adapted or trained in full")
+    if is_target:
+      if not _is_array_like(leaf) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise LoraSpecError(
+            f"'{path}' matches targets but is not a floating-point array "
+            f"(got {getattr(leaf, 'dtype', type(leaf).__name__)}); only float weights "
+            f"can be adapted")
+      targets.append(i)
+    elif is_extra:
+      extras.append(i)
+  if not targets:
+    paths = [p for p, leaf in pairs if leaf is not None]
+    wanted = spec.targets if isinstance(spec.targets, str) else (
+        ", ".join(spec.targets) if isinstance(spec.targets, (list, tuple)) else "")
+    near = difflib.get_close_matches(str(wanted), paths, n=5, cutoff=0.0) if wanted else paths[:5]
+    raise LoraSpecError(
+        f"targets {spec.targets!r} match no parameter. Nearest paths: {near}")
+  return targets, extras
+
+
+def _factor_sharding(sharding: Any, layout: Layout, ndim: int):
+  if not isinstance(sharding, NamedSharding):
+    return None, None
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  stack = tuple(spec[i] for i in layout.stack_axes)
+  a_spec = stack + tuple(spec[i] for i in layout.in_axes) + (None,)
+  b_spec = stack + (None,) + tuple(spec[i] for i in layout.out_axes)
+  return (NamedSharding(sharding.mesh, PartitionSpec(*a_spec)),
+          NamedSharding(sharding.mesh, PartitionSpec(*b_spec)))
+
+
+def _leaf_sharding(leaf: Any) -> Any:
+  try:
+    return getattr(leaf, "sharding", None)
+  except Exception:  # tracers under jit have no concrete sharding
+    return None
+
+
+def _init_a(key: jax.Array, shape, fan_in: int, rank: int, init: str, dtype) -> jax.Array:
+  if init == "gaussian":
+    a = jax.random.normal(key, shape, jnp.float32) / rank
+  else:
+    bound = 1.0 / math.sqrt(fan_in)
+    a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+  return a.astype(dtype)
+
+
+def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
+                   layouts: Mapping[str, Layout] | None = None) -> tuple[Any, Any]:
+  """Splits ``params`` into ``(frozen, trainable)`` for LoRA fine-tuning.
+
+  Pure: ``params`` is not modified. Works on dict and FrozenDict trees, on a
+  Flax NNX State, and on abstract trees of ``jax.ShapeDtypeStruct`` (from
+  ``jax.eval_shape``), where A and B come back abstract too, so a large run
+  can be planned without allocating it.
+
+  Args:
+    params: the parameter pytree.
+    spec: what to adapt (see ``LoraSpec``).
+    key: PRNG key for A's initialisation; needed unless ``params`` is abstract.
+      Each weight's key is derived from its path, so adding a target leaves
+      the others' initial factors unchanged.
+    layouts: path -> Layout, typically from ``jlora.infer_layouts``; 2-D
+      weights default to (in, out), so this is needed only for other shapes
+      or for weights stored (out, in).
+
+  Returns:
+    ``(frozen, trainable)``, both with the structure of ``params``.
+
+  Raises:
+    LoraSpecError: targets match nothing, or match a non-float leaf; a rank
+      outside [1, min(fan_in, fan_out)].
+    LoraLayoutError: a layout cannot be determined for a weight.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"dense": {"kernel": jnp.zeros((16, 8)), "bias": jnp.zeros(8)}}
+    >>> spec = jlora.LoraSpec(rank=4, alpha=8, targets=["kernel"])
+    >>> frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+    >>> trainable["dense"]["kernel"].a.shape, trainable["dense"]["kernel"].b.shape
+    ((16, 4), (4, 8))
+  """
+  pairs, treedef = flatten_with_paths(params)
+  targets, extras = select_targets(pairs, spec)
+  frozen = [leaf for _, leaf in pairs]
+  trainable: list[Any] = [None] * len(pairs)
+  for i in extras:
+    trainable[i], frozen[i] = pairs[i][1], None
+  for i in targets:
+    path, w0 = pairs[i]
+    layout = resolve_layout(path, w0, spec, layouts)
+    rank = spec.rank_for(path)
+    fan_in, fan_out = layout.fan_in(w0.shape), layout.fan_out(w0.shape)
+    if rank > min(fan_in, fan_out):
+      raise LoraSpecError(
+          f"'{path}': rank {rank} exceeds min(fan_in={fan_in}, fan_out={fan_out}) "
+          f"of this weight (shape {tuple(w0.shape)})")
+    a_shape, b_shape = layout.a_shape(w0.shape, rank), layout.b_shape(w0.shape, rank)
+    a_sharding, b_sharding = _factor_sharding(_leaf_sharding(w0), layout, len(w0.shape))
+    dtype = jnp.dtype(spec.dtype)
+    if _is_abstract(w0):
+      a = jax.ShapeDtypeStruct(a_shape, dtype, sharding=a_sharding)
+      b = jax.ShapeDtypeStruct(b_shape, dtype, sharding=b_sharding)
+    else:
+      if key is None:
+        raise LoraSpecError("lora_transform needs key=jax.random.key(...) to initialise A")
+      path_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+      a = _init_a(path_key, a_shape, fan_in, rank, spec.init, dtype)
+      b = jnp.zeros(b_shape, dtype)
+      if a_sharding is not None:
+        a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+    trainable[i] = LoraParam(a=a, b=b, scale=spec.scale_for(path), layout=layout,
+                             dropout=float(spec.dropout))
+  return treedef.unflatten(frozen), treedef.unflatten(trainable)
+
+
+def split_trees(frozen: Any, trainable: Any):
+  """Pairs up the leaves of a frozen and a trainable tree, checking they match.
+
+  Returns ``(paths, frozen_leaves, trainable_leaves, treedef)`` where the
+  treedef has None leaves and LoraParam leaves kept whole.
+  """
+  f_pairs, f_def = flatten_with_paths(frozen)
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=_is_lora_param)
+  if f_def != t_def:
+    f_paths = {p for p, _ in f_pairs}
+    t_paths = {p for p, _ in t_pairs}
+    only_f, only_t = sorted(f_paths - t_paths), sorted(t_paths - f_paths)
+    detail = (f"only in frozen: {only_f[:5]}; only in trainable: {only_t[:5]}"
+              if only_f or only_t else f"frozen: {f_def}\ntrainable: {t_def}")
+    raise LoraTreeError(
+        f"frozen and trainable trees have different structures ({detail}); pass the "
+        f"pair returned by one lora_transform call")
+  paths = [p for p, _ in f_pairs]
+  f_leaves = [leaf for _, leaf in f_pairs]
+  t_leaves = [leaf for _, leaf in t_pairs]
+  for path, f, t in zip(paths, f_leaves, t_leaves):
+    if f is not None and t is not None and not _is_lora_param(t):
+      raise LoraTreeError(f"'{path}' is a leaf of both frozen and trainable")
+    if f is None and _is_lora_param(t):
+      raise LoraTreeError(f"'{path}' has LoRA factors in trainable but no W0 in frozen")
+    if _is_lora_param(t):
+      check_factors(path, f, t)
+  return paths, f_leaves, t_leaves, f_def
+
+
+def check_factors(path: str, w0: Any, lp: LoraParam) -> None:
+  shape = tuple(w0.shape)
+  if len(shape) != lp.layout.ndim:
+    raise LoraTreeError(f"'{path}': W0 has shape {shape} but the factors' layout "
+                        f"{lp.layout} is for a {lp.layout.ndim}-D weight")
+  r = lp.a.shape[-1]
+  want_a, want_b = lp.layout.a_shape(shape, r), lp.layout.b_shape(shape, r)
+  if tuple(lp.a.shape) != want_a or tuple(lp.b.shape) != want_b:
+    raise LoraTreeError(
+        f"'{path}': factors A{tuple(lp.a.shape)} and B{tuple(lp.b.shape)} do not fit "
+        f"W0{shape}; expected A{want_a} and B{want_b}")
+
+
+def assemble(frozen: Any, trainable: Any):
+  """The base leaves (W0 at adapted weights) plus the adapters by leaf index."""
+  paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
+  leaves, adapters = [], {}
+  for i, (path, f, t) in enumerate(zip(paths, f_leaves, t_leaves)):
+    if _is_lora_param(t):
+      adapters[i] = (path, t)
+      leaves.append(f)
+    else:
+      leaves.append(f if f is not None else t)
+  return leaves, treedef, adapters
+
+
+def array_bytes(leaf: Any) -> int:
+  return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize

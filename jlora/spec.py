@@ -1,0 +1,209 @@
+"""LoraSpec and Layout: what to adapt, and how each weight is contracted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax.numpy as jnp
+
+from jlora._errors import LoraSpecError
+
+# A selection of parameter paths: a regex matched in full against the
+# '/'-joined path, a list of names matched as path suffixes, or a predicate
+# ``fn(path, leaf) -> bool``.
+PathSelector = Union[str, Sequence[str], Callable[[str, Any], bool]]
+
+_INITS = ("default", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a weight's axes split between the two LoRA factors.
+
+  ``A`` covers the input axes (those the model contracts the weight over)
+  and ``B`` the output axes (those that appear in the result). Stack axes
+  (such as the layer axis that Flax ``nn.scan`` adds at position 0) carry a
+  separate low-rank pair per slice and lead in both factors::
+
+    A: (*stack, *in, r)      B: (*stack, r, *out)
+
+  Attributes:
+    in_axes: weight axes covered by A, in A's order.
+    out_axes: weight axes covered by B, in B's order.
+    stack_axes: weight axes shared by A and B, leading in both.
+
+  Example:
+    >>> Layout(in_axes=(0,), out_axes=(1, 2))    # DenseGeneral (d, heads, head_dim)
+    Layout(in_axes=(0,), out_axes=(1, 2), stack_axes=())
+  """
+
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+  stack_axes: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for name in ("in_axes", "out_axes", "stack_axes"):
+      object.__setattr__(self, name, tuple(int(a) for a in getattr(self, name)))
+    if not self.in_axes or not self.out_axes:
+      raise LoraSpecError(f"Layout needs at least one input and one output axis, got {self}")
+
+  @property
+  def ndim(self) -> int:
+    return len(self.in_axes) + len(self.out_axes) + len(self.stack_axes)
+
+  def check(self, shape: Sequence[int], path: str) -> None:
+    """Raises LoraSpecError unless the axes are a permutation of the weight's."""
+    axes = sorted(self.in_axes + self.out_axes + self.stack_axes)
+    if axes != list(range(len(shape))):
+      raise LoraSpecError(
+          f"'{path}': layout {self} does not partition the {len(shape)} axes "
+          f"of a weight of shape {tuple(shape)}")
+
+  def fan_in(self, shape: Sequence[int]) -> int:
+    return math.prod(shape[i] for i in self.in_axes)
+
+  def fan_out(self, shape: Sequence[int]) -> int:
+    return math.prod(shape[i] for i in self.out_axes)
+
+  def a_shape(self, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+    return tuple(shape[i] for i in self.stack_axes + self.in_axes) + (rank,)
+
+  def b_shape(self, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+    return (tuple(shape[i] for i in self.stack_axes) + (rank,)
+            + tuple(shape[i] for i in self.out_axes))
+
+  @classmethod
+  def default(cls, ndim: int) -> "Layout | None":
+    """The layout of a plain (in, out) kernel; None when ndim is not 2."""
+    return cls(in_axes=(0,), out_axes=(1,)) if ndim == 2 else None
+
+
+def _compile_selector(sel: PathSelector | None, what: str) -> Callable[[str, Any], bool]:
+  if sel is None:
+    return lambda path, leaf: False
+  if callable(sel):
+    return sel
+  if isinstance(sel, str):
+    try:
+      pattern = re.compile(sel)
+    except re.error as e:
+      raise LoraSpecError(f"{what}: invalid regex {sel!r}: {e}") from None
+    return lambda path, leaf: pattern.fullmatch(path) is not None
+  names = tuple(sel)
+  if not all(isinstance(n, str) for n in names):
+    raise LoraSpecError(f"{what}: expected a regex, a list of names or a callable, got {sel!r}")
+  return lambda path, leaf: any(path == n or path.endswith("/" + n) for n in names)
+
+
+def _pattern_lookup(patterns: Mapping[str, Any], path: str) -> Any:
+  # PEFT's rank_pattern keys are module-name suffixes; a regex that matches
+  # the whole path or a '/'-aligned suffix of it covers both habits.
+  for key, value in patterns.items():
+    if re.fullmatch(f"(?:.*/)?(?:{key})", path):
+      return value
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """What to adapt and how.
+
+  Attributes:
+    rank: rank r of the low-rank update.
+    alpha: scaling numerator: the update is ``(alpha / r) * B A``
+      (``alpha / sqrt(r)`` with ``use_rslora``).
+    targets: which parameters get LoRA factors: a regex matched in full
+      against the '/'-joined path (``"layers/0/attn/query/kernel"``), a list
+      of names matched as path suffixes (``["query/kernel", "value/kernel"]``)
+      or a predicate ``fn(path, leaf) -> bool``.
+    exclude: parameters never adapted, in the same forms as ``targets``.
+    rank_pattern: regex -> rank, overriding ``rank`` for matching paths (the
+      regex may match the whole path or a '/'-aligned suffix; first match wins).
+    alpha_pattern: regex -> alpha, likewise.
+    use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+    init: ``"default"``: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PEFT's
+      kaiming-uniform; ``"gaussian"``: A ~ N(0, 1/r^2). B = 0 in both, so the
+      adapted model starts equal to the base.
+    dropout: dropout rate applied to the input of the LoRA path only,
+      ``W0 x + s B(A drop(x))``; active only when a dropout key is passed.
+    dtype: dtype of A and B (float32 by default, also for a bf16 base).
+    extra_trainable: parameters trained in full beside the adapters
+      (biases, norms, a classifier head: PEFT's ``modules_to_save``), in the
+      same forms as ``targets``.
+    layouts: regex -> Layout, the per-target override of how a weight's
+      axes split between A and B (see ``jlora.infer_layouts``).
+
+  Example:
+    >>> spec = LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
+    >>> spec.scale_for("layers/0/query/kernel")
+    2.0
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  targets: PathSelector = r".*kernel"
+  exclude: PathSelector | None = None
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  use_rslora: bool = False
+  init: str = "default"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  extra_trainable: PathSelector | None = None
+  layouts: Mapping[str, Layout] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    _check_rank(self.rank, "rank")
+    _check_alpha(self.alpha, "alpha")
+    for key, r in self.rank_pattern.items():
+      _check_rank(r, f"rank_pattern[{key!r}]")
+    for key, a in self.alpha_pattern.items():
+      _check_alpha(a, f"alpha_pattern[{key!r}]")
+    for key, layout in self.layouts.items():
+      if not isinstance(layout, Layout):
+        raise LoraSpecError(f"layouts[{key!r}]: expected a jlora.Layout, got {layout!r}")
+    if self.init not in _INITS:
+      raise LoraSpecError(f"init must be one of {_INITS}, got {self.init!r}")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise LoraSpecError(f"dropout must be in [0, 1), got {self.dropout}")
+    if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+      raise LoraSpecError(f"dtype must be a floating dtype, got {self.dtype}")
+    # Compile eagerly so a bad regex fails at construction, not mid-transform.
+    _compile_selector(self.targets, "targets")
+    _compile_selector(self.exclude, "exclude")
+    _compile_selector(self.extra_trainable, "extra_trainable")
+
+  def is_target(self, path: str, leaf: Any) -> bool:
+    return (_compile_selector(self.targets, "targets")(path, leaf)
+            and not _compile_selector(self.exclude, "exclude")(path, leaf))
+
+  def is_extra_trainable(self, path: str, leaf: Any) -> bool:
+    return _compile_selector(self.extra_trainable, "extra_trainable")(path, leaf)
+
+  def rank_for(self, path: str) -> int:
+    r = _pattern_lookup(self.rank_pattern, path)
+    return self.rank if r is None else int(r)
+
+  def alpha_for(self, path: str) -> float:
+    a = _pattern_lookup(self.alpha_pattern, path)
+    return float(self.alpha if a is None else a)
+
+  def scale_for(self, path: str) -> float:
+    r, alpha = self.rank_for(path), self.alpha_for(path)
+    return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+  def layout_override(self, path: str) -> Layout | None:
+    return _pattern_lookup(self.layouts, path)
+
+
+def _check_rank(r: Any, what: str) -> None:
+  if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    raise LoraSpecError(f"{what} must be an integer >= 1, got {r!r}")
+
+
+def _check_alpha(a: Any, what: str) -> None:
+  if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 or not math.isfinite(a):
+    raise LoraSpecError(f"{what} must be a finite number > 0, got {a!r}")
