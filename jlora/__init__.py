@@ -3,10 +3,13 @@
 from jlora._errors import LoraError, LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import path_str
 from jlora.interpreter import LoraMaterializeWarning, lora
+from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.params import LoraParam
 from jlora.partition import lora_transform
+from jlora.optim import optimizer
 from jlora.spec import Layout, LoraSpec
+from jlora.summary import LoraSummary, summary
 
 __version__ = "0.1.0"
 
@@ -18,11 +21,15 @@ __all__ = [
     "LoraParam",
     "LoraSpec",
     "LoraSpecError",
+    "LoraSummary",
     "LoraTreeError",
     "frozen_like",
+    "infer_layouts",
     "lora",
     "lora_transform",
     "merge",
+    "optimizer",
     "path_str",
+    "summary",
     "unmerge",
 ]
