@@ -98,6 +98,13 @@ def _compile_selector(sel: PathSelector | None, what: str) -> Callable[[str, Any
   return lambda path, leaf: any(path == n or path.endswith("/" + n) for n in names)
 
 
+def _check_pattern_key(key: Any, what: str) -> None:
+  try:
+    re.compile(f"(?:.*/)?(?:{key})")
+  except (re.error, TypeError) as e:
+    raise LoraSpecError(f"{what}: invalid regex {key!r}: {e}") from None
+
+
 def _pattern_lookup(patterns: Mapping[str, Any], path: str) -> Any:
   # PEFT's rank_pattern keys are module-name suffixes; a regex that matches
   # the whole path or a '/'-aligned suffix of it covers both habits.
@@ -159,10 +166,13 @@ class LoraSpec:
     _check_rank(self.rank, "rank")
     _check_alpha(self.alpha, "alpha")
     for key, r in self.rank_pattern.items():
+      _check_pattern_key(key, f"rank_pattern[{key!r}]")
       _check_rank(r, f"rank_pattern[{key!r}]")
     for key, a in self.alpha_pattern.items():
+      _check_pattern_key(key, f"alpha_pattern[{key!r}]")
       _check_alpha(a, f"alpha_pattern[{key!r}]")
     for key, layout in self.layouts.items():
+      _check_pattern_key(key, f"layouts[{key!r}]")
       if not isinstance(layout, Layout):
         raise LoraSpecError(f"layouts[{key!r}]: expected a jlora.Layout, got {layout!r}")
     if self.init not in _INITS:
