@@ -7,6 +7,7 @@ from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.params import LoraParam
 from jlora.partition import lora_transform
+from jlora.peft import LoraPeftError, PeftAdapter, PeftRules, load_peft, save_peft
 from jlora.optim import optimizer
 from jlora.spec import Layout, LoraSpec
 from jlora.summary import LoraSummary, summary
@@ -19,17 +20,22 @@ __all__ = [
     "LoraLayoutError",
     "LoraMaterializeWarning",
     "LoraParam",
+    "LoraPeftError",
     "LoraSpec",
     "LoraSpecError",
     "LoraSummary",
     "LoraTreeError",
+    "PeftAdapter",
+    "PeftRules",
     "frozen_like",
     "infer_layouts",
+    "load_peft",
     "lora",
     "lora_transform",
     "merge",
     "optimizer",
     "path_str",
+    "save_peft",
     "summary",
     "unmerge",
 ]
