@@ -349,6 +349,27 @@ def test_function_rules_and_dtype(tmp_path):
                              np.asarray(trainable["enc"]["proj"]["w"].b.astype(jnp.bfloat16), np.float32))
 
 
+def test_multi_axis_layouts_flatten_in_weight_axis_order(tmp_path):
+  # A (3, 4, 5) kernel contracted over axes 1 and 0 (A's order), output axis 2:
+  # PyTorch's (out, in) weight is the kernel reshaped to (3 * 4, 5), transposed.
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 5)), jnp.float32)
+  params = {"mix": {"kernel": w}}
+  layout = jlora.Layout(in_axes=(1, 0), out_axes=(2,))
+  spec = jlora.LoraSpec(rank=2, alpha=3, targets=["mix/kernel"], layouts={"mix/kernel": layout})
+  frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+  trainable = _perturb(trainable, 0)
+  jlora.save_peft(tmp_path, trainable, jlora.PeftRules(), spec=spec)
+  sd = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  a, b = sd[PREFIX + "mix.lora_A.weight"], sd[PREFIX + "mix.lora_B.weight"]
+  assert a.shape == (2, 12) and b.shape == (5, 2)
+  delta = np.asarray(jlora.merge(frozen, trainable)["mix"]["kernel"] - w).reshape(12, 5)
+  np.testing.assert_allclose((1.5 * b @ a).T, delta, atol=1e-5)
+  ad = jlora.load_peft(tmp_path, params, jlora.PeftRules(), layouts={"mix/kernel": layout})
+  np.testing.assert_array_equal(np.asarray(ad.trainable["mix"]["kernel"].a),
+                                np.asarray(trainable["mix"]["kernel"].a))
+  assert ad.spec.layout_override("mix/kernel") == layout
+
+
 def test_linear_modules_to_save_are_transposed(tmp_path):
   params = {"body": {"kernel": jnp.ones((6, 5))}, "head": {"kernel": jnp.arange(15.0).reshape(5, 3),
                                                            "bias": jnp.arange(3.0)}}
