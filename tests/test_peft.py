@@ -449,7 +449,8 @@ BAD = {
     "transposed": (dict(tensors=lambda sd: sd.__setitem__(K + ".lora_B.weight", np.zeros((4, 48), np.float32))),
                    rf"'{re.escape(K)}\.lora_A\.weight' \(4, 16\) and '{re.escape(K)}\.lora_B\.weight' \(4, 48\)"),
     "wrong_fan_in": (dict(tensors=lambda sd: sd.__setitem__(K + ".lora_A.weight", np.zeros((4, 17), np.float32))),
-                     rf"'{re.escape(K)}\.lora_A\.weight' \(4, 17\) .* do not fit 'params/transformer/h/0/attn/c_attn/kernel'"),
+                     rf"'{re.escape(K)}\.lora_A\.weight' \(4, 17\) .* do not fit "
+                     r"'params/transformer/h/0/attn/c_attn/kernel'"),
     "dora_tensor": (dict(tensors=lambda sd: sd.update({K + ".lora_magnitude_vector": np.ones(48, np.float32)})),
                     r"lora_magnitude_vector' is a DoRA magnitude"),
     "untargeted": (dict(config=_set("target_modules", ["c_proj"])),
