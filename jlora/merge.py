@@ -23,6 +23,9 @@ def _combine(frozen: Any, trainable: Any, sign: float, check_finite: bool) -> An
   for path, f, t in zip(paths, f_leaves, t_leaves):
     if isinstance(t, LoraParam):
       leaf = _merged_leaf(f, t, sign)
+    elif sign < 0:
+      # unmerge returns a frozen part: None stays at the extra trainable leaves.
+      leaf = f
     else:
       leaf = f if f is not None else t
     if check_finite and leaf is not None and not bool(jnp.all(jnp.isfinite(leaf))):
