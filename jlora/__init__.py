@@ -2,6 +2,8 @@
 
 from jlora._errors import LoraError, LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import path_str
+from jlora.checkpoint import (CheckpointManager, LoraCheckpointError, adapter_metadata,
+                              load_adapter, save_adapter)
 from jlora.interpreter import LoraMaterializeWarning, lora
 from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
@@ -15,7 +17,9 @@ from jlora.summary import LoraSummary, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "Layout",
+    "LoraCheckpointError",
     "LoraError",
     "LoraLayoutError",
     "LoraMaterializeWarning",
@@ -27,14 +31,17 @@ __all__ = [
     "LoraTreeError",
     "PeftAdapter",
     "PeftRules",
+    "adapter_metadata",
     "frozen_like",
     "infer_layouts",
+    "load_adapter",
     "load_peft",
     "lora",
     "lora_transform",
     "merge",
     "optimizer",
     "path_str",
+    "save_adapter",
     "save_peft",
     "summary",
     "unmerge",

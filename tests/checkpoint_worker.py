@@ -1,0 +1,174 @@
+"""Training problem shared by test_checkpoint.py and its subprocesses.
+
+Run as a script, it does one thing in a fresh process (the tests kill it or
+check what it leaves behind):
+
+  resume DIR            restore DIR's latest step, train to step 10, save step 10
+  mesh8 DIR             save on an 8-device mesh, restore onto another (needs XLA_FLAGS)
+  hang_finalize DIR AD  save step 1 and adapter AD, then start saving step 2 and
+                        overwriting AD, stopping both between orbax's temporary
+                        write and its finalize (rename)
+  big_save DIR          save step 1, then a large step 2 (the test kills it mid-write)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+
+SPEC = jlora.LoraSpec(rank=4, alpha=8, targets=["kernel"], extra_trainable=r"l2/bias",
+                      dropout=0.1)
+
+
+def model(params, x):
+  h = jax.nn.relu(x @ params["l1"]["kernel"] + params["l1"]["bias"])
+  return h @ params["l2"]["kernel"] + params["l2"]["bias"]
+
+
+def base_params():
+  # NumPy values: no XLA compilation before the part under test.
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(0.3 * rng.standard_normal(shape), jnp.float32)
+  return {"l1": {"kernel": normal(16, 32), "bias": jnp.zeros(32)},
+          "l2": {"kernel": normal(32, 8), "bias": jnp.zeros(8)}}
+
+
+def problem():
+  """(params, frozen, trainable, tx, opt_state) at step 0."""
+  params = base_params()
+  frozen, trainable = jlora.lora_transform(params, SPEC, key=jax.random.key(1))
+  tx = jlora.optimizer(optax.adamw(1e-2), trainable)
+  return params, frozen, trainable, tx, tx.init(trainable)
+
+
+def shifted(trainable, by: float):
+  """A deterministic non-trivial trainable (B nonzero): every leaf + by * index."""
+  def shift(x):
+    ramp = np.arange(x.size, dtype=np.float32).reshape(x.shape) / x.size
+    return jax.device_put((np.asarray(x, np.float32) + by * ramp).astype(x.dtype), x.sharding)
+  return jax.tree.map(shift, trainable)
+
+
+def make_step(frozen, tx):
+  apply = jlora.lora(model)
+
+  @jax.jit
+  def step_fn(trainable, opt_state, step):
+    kx, ky, kd = jax.random.split(jax.random.fold_in(jax.random.key(7), step), 3)
+    x, y = jax.random.normal(kx, (8, 16)), jax.random.normal(ky, (8, 8))
+    loss = lambda t: jnp.mean((apply(frozen, t, x, lora_dropout_key=kd) - y) ** 2)
+    updates, opt_state = tx.update(jax.grad(loss)(trainable), opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+  return step_fn
+
+
+def train(step_fn, trainable, opt_state, start: int, stop: int):
+  for step in range(start, stop):
+    trainable, opt_state = step_fn(trainable, opt_state, step)
+  return trainable, opt_state
+
+
+def _resume(directory):
+  _, frozen, trainable, tx, opt_state = problem()
+  with jlora.CheckpointManager(directory, base=frozen, spec=SPEC, max_to_keep=5) as mngr:
+    restored = mngr.restore(opt_state=opt_state)
+    assert restored.step == 5, restored.step
+    trainable, opt_state = train(make_step(frozen, tx), restored.trainable, restored.opt_state, 5, 10)
+    mngr.save(10, trainable, opt_state)
+  print("RESUMED", flush=True)
+
+
+def mesh_trees(mesh, spec_l1, spec_l2):
+  """The problem's params placed on ``mesh`` and its LoRA split there."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  params = base_params()
+  place = {"l1": {"kernel": spec_l1, "bias": P()}, "l2": {"kernel": spec_l2, "bias": P()}}
+  params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, place)
+  frozen, trainable = jlora.lora_transform(params, SPEC, key=jax.random.key(1))
+  return params, frozen, trainable
+
+
+def _mesh8(directory):
+  from jax.sharding import Mesh, PartitionSpec as P
+  devices = np.array(jax.devices())
+  assert devices.size == 8, devices
+  _, frozen, trainable = mesh_trees(Mesh(devices, ("x",)), P(None, "x"), P("x", None))
+  trainable = shifted(trainable, 0.5)
+  tx = jlora.optimizer(optax.adam(1e-2), trainable)
+  opt_state = tx.init(trainable)
+  assert trainable["l1"]["kernel"].b.sharding.spec == P(None, "x")
+  with jlora.CheckpointManager(directory, base=frozen, spec=SPEC) as mngr:
+    mngr.save(3, trainable, opt_state)
+
+  # Restore onto a 2x4 mesh with the weights sharded on both axes.
+  mesh2 = Mesh(devices.reshape(2, 4), ("a", "b"))
+  _, frozen2, fresh2 = mesh_trees(mesh2, P("a", "b"), P("b", "a"))
+  template = tx.init(fresh2)
+  with jlora.CheckpointManager(directory, base=frozen2) as mngr:
+    got = mngr.restore(opt_state=template)
+  want_leaves = jax.tree.leaves(trainable)
+  for kind, restored, fresh, want in (("trainable", got.trainable, fresh2, trainable),
+                                      ("opt_state", got.opt_state, template, opt_state)):
+    for r, f, w in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh), jax.tree.leaves(want)):
+      assert r.sharding == f.sharding, (kind, r.sharding, f.sharding)
+      assert np.array_equal(np.asarray(r), np.asarray(w)), kind
+  assert got.trainable["l1"]["kernel"].a.sharding.spec == P("a", None)
+  assert got.trainable["l1"]["kernel"].b.sharding.spec == P(None, "b")
+  assert got.trainable["l2"]["kernel"].b.sharding.spec == P(None, "a")
+  # load_adapter places factors from the base's shardings as lora_transform does.
+  loaded, _ = jlora.load_adapter(mngr.step_path(3), base=frozen2)
+  for r, f in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh2)):
+    assert r.sharding == f.sharding, (r.sharding, f.sharding)
+  assert all(np.array_equal(np.asarray(r), np.asarray(w))
+             for r, w in zip(jax.tree.leaves(loaded), want_leaves))
+  print("MESH8 OK", flush=True)
+
+
+def _hang_finalize(directory, adapter_dir):
+  from orbax.checkpoint._src.path import atomicity
+  _, frozen, trainable, tx, opt_state = problem()
+  mngr = jlora.CheckpointManager(directory, base=frozen, spec=SPEC)
+  mngr.save(1, shifted(trainable, 1.0), opt_state)
+  mngr.wait_until_finished()
+  jlora.save_adapter(adapter_dir, shifted(trainable, 1.0), SPEC, base=frozen)
+
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def hang(self, *args, **kwargs):
+    if atomicity.TMP_DIR_SUFFIX in str(self.get_final()):
+      return await finalize(self, *args, **kwargs)   # an item inside the checkpoint
+    # Everything is written under the temporary name; stop before the rename.
+    print(f"FINALIZE {self.get_final()}", flush=True)
+    time.sleep(3600)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = hang
+  mngr.save(2, shifted(trainable, 2.0), opt_state)   # finalizes in a background thread
+  jlora.save_adapter(adapter_dir, shifted(trainable, 2.0), SPEC, base=frozen, overwrite=True)
+  print("NOT REACHED", flush=True)
+
+
+def _big_save(directory):
+  params, frozen, trainable, tx, opt_state = problem()
+  with jlora.CheckpointManager(directory, base=frozen, spec=SPEC) as mngr:
+    mngr.save(1, shifted(trainable, 1.0), opt_state)
+    mngr.wait_until_finished()
+    print("SAVED 1", flush=True)
+    # A large optimizer state (any pytree of arrays is accepted): ~64 MiB to write.
+    big = (opt_state, jax.random.normal(jax.random.key(9), (4096, 4096)))
+    mngr.save(2, shifted(trainable, 2.0), big)
+    mngr.wait_until_finished()
+  print("SAVED 2", flush=True)
+
+
+if __name__ == "__main__":
+  mode, *rest = sys.argv[1:]
+  {"resume": _resume, "mesh8": _mesh8, "hang_finalize": _hang_finalize,
+   "big_save": _big_save}[mode](*rest)
