@@ -37,6 +37,15 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
 
   def check(tree: Any, what: str) -> None:
     if jax.tree_util.tree_structure(tree) == expected_def:
+      # Same structure can still be another model's factors (the LoraParam's
+      # static scale and layout match, the shapes do not).
+      for path, leaf in flatten_with_paths(tree)[0]:
+        want = expected.get(path)
+        if want is not None and tuple(getattr(leaf, "shape", ())) != want[0]:
+          raise LoraTreeError(
+              f"jlora.optimizer: {what} has shape {tuple(leaf.shape)} at '{path}' where the "
+              f"trainable tree has {want[0]}; pass the trainable part returned by "
+              f"lora_transform (or its gradients)")
       return
     got = {path: (tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", None))
            for path, leaf in flatten_with_paths(tree, is_leaf=lambda x: isinstance(x, LoraParam))[0]
