@@ -142,10 +142,20 @@ def test_conflicting_uses_raise():
   with pytest.raises(jlora.LoraLayoutError, match=r"'emb': axis \d is used as an (in|out) axis "
                      r"by a dot_general .* and as an (in|out) axis by .*LoraSpec\(layouts="):
     jlora.infer_layouts(fn, params, x)
-  # A stacked use and a plain use of the same axis conflict too.
-  fn2 = lambda p, x: jax.vmap(lambda w, xi: xi @ w)(p["s"], x).sum(0) + x[0] @ p["s"][0]  # noqa
-  with pytest.raises(jlora.LoraLayoutError, match="'s'"):
+  # An axis that is a stack axis in one use and contracted in another conflicts too.
+  def fn2(p, x):
+    per_slice = jax.vmap(lambda w, xi: xi @ w)(p["s"], x)          # axis 0: stack
+    mixed = jnp.einsum("sio,s->io", p["s"], jnp.ones(2))            # axis 0: contracted
+    return per_slice.sum(0) + x[0] @ mixed
+
+  with pytest.raises(jlora.LoraLayoutError, match=r"'s': axis 0 is used as an? (stack|in) axis"):
     jlora.infer_layouts(fn2, {"s": jnp.ones((2, 8, 8))}, jnp.ones((2, 3, 8)))
+  # Using one slice of a stacked weight is consistent with the stacked use.
+  def fn3(p, x):
+    return jax.vmap(lambda w, xi: xi @ w)(p["s"], x).sum(0) + x[0] @ p["s"][0]
+
+  assert _check_forward(fn3, _fill({"s": jnp.ones((2, 8, 8))}, 0), jnp.ones((2, 3, 8))) == {
+      "s": L((1,), (2,), (0,))}
 
 
 def test_abstract_params_and_args():
