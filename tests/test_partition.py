@@ -361,7 +361,7 @@ def test_extra_trainable_leaves_are_trained_in_full(use_jit):
 
   grad = jax.jit(jax.grad(lora_loss)) if use_jit else jax.grad(lora_loss)
   g = grad(trainable)
-  ref = jax.grad(base_loss)(params)     # B = 0: the bias gradients are the base model's
+  ref = jax.jit(jax.grad(base_loss))(params)   # B = 0: the bias gradients are the base model's
   for name in ("fc1", "fc2", "head"):
     gb = g["params"][name]["bias"]
     assert gb.shape == params["params"][name]["bias"].shape
@@ -391,9 +391,12 @@ def test_targets_matching_nothing_lists_nearest_paths():
 def test_rank_larger_than_the_weight():
   _, params, _ = mlp()
   spec = jlora.LoraSpec(rank=9, targets=["kernel"])          # head is (32, 8)
-  with pytest.raises(jlora.LoraSpecError, match=r"'params/head/kernel': rank 9 exceeds "
-                     r"min\(fan_in=32, fan_out=8\)"):
-    jlora.lora_transform(params, spec, key=KEY)
+  for tree, key in ((params, KEY), (jax.eval_shape(lambda: params), None)):
+    with pytest.raises(jlora.LoraSpecError, match=r"'params/head/kernel': rank 9 exceeds "
+                       r"min\(fan_in=32, fan_out=8\)"):
+      jlora.lora_transform(tree, jlora.LoraSpec(rank=9, targets=["head/kernel"]), key=key)
+    with pytest.raises(jlora.LoraSpecError, match=r"'params/head/kernel': rank 9"):
+      jlora.lora_transform(jax.eval_shape(lambda: params), spec)
   # rank == min is fine.
   jlora.lora_transform(jax.eval_shape(lambda: params), jlora.LoraSpec(rank=8, targets=["kernel"]))
   # For a stacked weight the stack axis is not part of fan_in.
