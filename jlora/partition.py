@@ -175,7 +175,9 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
       b = jax.ShapeDtypeStruct(b_shape, dtype, sharding=b_sharding)
     else:
       if key is None:
-        raise LoraSpecError("lora_transform needs key=jax.random.key(...) to initialise A")
+        raise LoraSpecError(
+            f"lora_transform needs key=jax.random.key(...) to initialise A of '{path}' "
+            f"(params are concrete arrays; only abstract params need no key)")
       path_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
       a = _init_a(path_key, a_shape, fan_in, rank, spec.init, dtype)
       b = jnp.zeros(b_shape, dtype)
