@@ -180,6 +180,9 @@ def test_good_inits_and_dropout():
     assert jlora.LoraSpec(init=init).init == init
   for rate in (0.0, 0.1, 0.999):
     assert jlora.LoraSpec(dropout=rate).dropout == rate
+  # The rate travels with each adapter, as static metadata.
+  lps = _lora_params(jlora.LoraSpec(targets=["query/kernel"], dropout=0.25))
+  assert [lp.dropout for lp in lps.values()] == [0.25, 0.25]
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
