@@ -165,6 +165,23 @@ def _slice_rule(ctx, eqn, invals):
   return invals[0].slice_axes(slicer)
 
 
+def _split_rule(ctx, eqn, invals):
+  # A fused qkv kernel split into its parts: each part is a slice of W0 and
+  # of the factor that holds the split axis.
+  del ctx
+  axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+  outs, start = [], 0
+  for size in sizes:
+    def slicer(arr, axis_map, start=start, size=size):
+      for k, weight_axis in axis_map.items():
+        if weight_axis == axis:
+          return lax.slice_in_dim(arr, start, start + size, axis=k)
+      return arr
+    outs.append(invals[0].slice_axes(slicer))
+    start += size
+  return outs
+
+
 def _dynamic_slice_rule(ctx, eqn, invals):
   x, *starts = invals
   if any(map(_is_lora, starts)):
@@ -449,6 +466,7 @@ _RULES: dict[str, Callable] = {
     "reshape": _reshape_rule,
     "squeeze": _squeeze_rule,
     "slice": _slice_rule,
+    "split": _split_rule,
     "dynamic_slice": _dynamic_slice_rule,
     "sharding_constraint": _sharding_constraint_rule,
     "jit": _call_rule,

@@ -69,6 +69,8 @@ class _Walker:
     v = ins[0]
     if name in _PASS_THROUGH or name in ("slice", "dynamic_slice"):
       return [v] + none[1:] if v is not None else none
+    if name == "split":
+      return [v] * len(eqn.outvars)
     if name == "transpose":
       return [(v[0], tuple(v[1][i] for i in p["permutation"]))]
     if name == "squeeze":
