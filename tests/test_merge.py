@@ -132,7 +132,8 @@ def test_frozendict_in_frozendict_out():
   frozen = jlora.frozen_like(params, trainable)
   merged = jlora.merge(frozen, trainable)
   assert isinstance(merged, FrozenDict)
-  np.testing.assert_allclose(np.asarray(merged["dense"]["w"]), reference(params, trainable)["dense"],
+  np.testing.assert_allclose(np.asarray(merged["dense"]["w"]),
+                             reference(params, trainable)["dense"],
                              rtol=1e-5, atol=1e-5)
 
 

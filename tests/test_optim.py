@@ -138,7 +138,8 @@ def test_a_few_lora_steps_reduce_the_loss(use_jit, make_tx):
   assert float(jnp.abs(lp1.b).max()) > 0 and not np.allclose(lp0.a, lp1.a)
   assert not np.allclose(trainable["params"]["fc2"]["bias"], trained["params"]["fc2"]["bias"])
   assert lp1.scale == lp0.scale and lp1.layout == lp0.layout
-  np.testing.assert_array_equal(frozen["params"]["fc2"]["kernel"], params["params"]["fc2"]["kernel"])
+  np.testing.assert_array_equal(frozen["params"]["fc2"]["kernel"],
+                                params["params"]["fc2"]["kernel"])
   # The trained adapters merge into a model that computes the same loss.
   merged = jlora.merge(frozen, trained)
   merged_loss = float(jnp.mean((model.apply(merged, x) - y) ** 2))

@@ -4,7 +4,6 @@ initialisation, dtypes, keys, extra trainable leaves, and the errors of bad inpu
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

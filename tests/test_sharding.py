@@ -64,7 +64,8 @@ def _worker() -> dict:
     pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
     return {jlora.path_str(kp): x for kp, x in pairs}
 
-  params_np = {p: (0.3 * rng.standard_normal(s)).astype(np.float32) for p, (s, _, _) in WEIGHTS.items()}
+  params_np = {p: (0.3 * rng.standard_normal(s)).astype(np.float32)
+               for p, (s, _, _) in WEIGHTS.items()}
   params_np["mlp/up/bias"] = (0.1 * rng.standard_normal(F)).astype(np.float32)
   pspecs = {p: P(*spec) for p, (_, spec, _) in WEIGHTS.items()}
   pspecs["mlp/up/bias"] = P("model")
@@ -150,16 +151,12 @@ def _worker() -> dict:
   out["mu_specs"] = {p: [spec_of(mu_lps[p].a), spec_of(mu_lps[p].b)] for p in WEIGHTS}
 
   # Abstract, sharded: the plan carries the same shardings.
-  abstract = nest({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, pspecs[p]))
+  abstract = nest({p: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=NamedSharding(mesh, pspecs[p]))
                    for p, v in params_np.items()})
   _, ta = jlora.lora_transform(abstract, spec, layouts=layouts)
   la = flat(ta, is_leaf=lambda z: isinstance(z, jlora.LoraParam))
-  out["abstract_factor_specs"] = {
-      p: [[None if e is None else str(e) for e in tuple(la[p].a.sharding.spec)
-           + (None,) * (la[p].a.ndim - len(la[p].a.sharding.spec))],
-          [None if e is None else str(e) for e in tuple(la[p].b.sharding.spec)
-           + (None,) * (la[p].b.ndim - len(la[p].b.sharding.spec))]]
-      for p in WEIGHTS}
+  out["abstract_factor_specs"] = {p: [spec_of(la[p].a), spec_of(la[p].b)] for p in WEIGHTS}
 
   # One device.
   dev0 = jax.devices()[0]
