@@ -5,9 +5,9 @@ check what it leaves behind):
 
   resume DIR            restore DIR's latest step, train to step 10, save step 10
   mesh8 DIR             save on an 8-device mesh, restore onto another (needs XLA_FLAGS)
-  hang_finalize DIR AD  save step 1 and adapter AD, then start saving step 2 and
-                        overwriting AD, stopping both between orbax's temporary
-                        write and its finalize (rename)
+  hang_manager DIR      save step 1, then step 2 stopping between orbax's temporary
+                        write and its finalize (the rename)
+  hang_adapter AD       save adapter AD, then overwrite it, stopping likewise
   big_save DIR          save step 1, then a large step 2 (the test kills it mid-write)
 """
 
@@ -100,8 +100,8 @@ def _mesh8(directory):
   from jax.sharding import Mesh, PartitionSpec as P
   devices = np.array(jax.devices())
   assert devices.size == 8, devices
-  _, frozen, trainable = mesh_trees(Mesh(devices, ("x",)), P(None, "x"), P("x", None))
-  trainable = shifted(trainable, 0.5)
+  _, frozen, fresh = mesh_trees(Mesh(devices, ("x",)), P(None, "x"), P("x", None))
+  trainable = shifted(fresh, 0.5)
   tx = jlora.optimizer(optax.adam(1e-2), trainable)
   opt_state = tx.init(trainable)
   assert trainable["l1"]["kernel"].b.sharding.spec == P(None, "x")
@@ -115,14 +115,21 @@ def _mesh8(directory):
   with jlora.CheckpointManager(directory, base=frozen2) as mngr:
     got = mngr.restore(opt_state=template)
   want_leaves = jax.tree.leaves(trainable)
-  for kind, restored, fresh, want in (("trainable", got.trainable, fresh2, trainable),
-                                      ("opt_state", got.opt_state, template, opt_state)):
-    for r, f, w in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh), jax.tree.leaves(want)):
+  for kind, restored, target, want in (("trainable", got.trainable, fresh2, trainable),
+                                       ("opt_state", got.opt_state, template, opt_state)):
+    for r, f, w in zip(jax.tree.leaves(restored), jax.tree.leaves(target), jax.tree.leaves(want)):
       assert r.sharding == f.sharding, (kind, r.sharding, f.sharding)
       assert np.array_equal(np.asarray(r), np.asarray(w)), kind
   assert got.trainable["l1"]["kernel"].a.sharding.spec == P("a", None)
   assert got.trainable["l1"]["kernel"].b.sharding.spec == P(None, "b")
   assert got.trainable["l2"]["kernel"].b.sharding.spec == P(None, "a")
+  # A trainable template overrides the shardings derived from the base.
+  with jlora.CheckpointManager(directory, base=frozen2) as mngr:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            fresh)
+    got = mngr.restore(opt_state=template, trainable=abstract)
+  for r, f in zip(jax.tree.leaves(got.trainable), jax.tree.leaves(fresh)):
+    assert r.sharding == f.sharding, (r.sharding, f.sharding)
   # load_adapter places factors from the base's shardings as lora_transform does.
   loaded, _ = jlora.load_adapter(mngr.step_path(3), base=frozen2)
   for r, f in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh2)):
@@ -132,25 +139,36 @@ def _mesh8(directory):
   print("MESH8 OK", flush=True)
 
 
-def _hang_finalize(directory, adapter_dir):
+def _stop_before_finalize():
+  """Makes orbax stop (and report) once a checkpoint is fully written under its
+  temporary name, just before the rename that finalizes it."""
   from orbax.checkpoint._src.path import atomicity
-  _, frozen, trainable, tx, opt_state = problem()
-  mngr = jlora.CheckpointManager(directory, base=frozen, spec=SPEC)
-  mngr.save(1, shifted(trainable, 1.0), opt_state)
-  mngr.wait_until_finished()
-  jlora.save_adapter(adapter_dir, shifted(trainable, 1.0), SPEC, base=frozen)
-
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def hang(self, *args, **kwargs):
     if atomicity.TMP_DIR_SUFFIX in str(self.get_final()):
       return await finalize(self, *args, **kwargs)   # an item inside the checkpoint
-    # Everything is written under the temporary name; stop before the rename.
     print(f"FINALIZE {self.get_final()}", flush=True)
     time.sleep(3600)
 
   atomicity.AtomicRenameTemporaryPath.finalize = hang
+
+
+def _hang_manager(directory):
+  _, frozen, trainable, tx, opt_state = problem()
+  mngr = jlora.CheckpointManager(directory, base=frozen, spec=SPEC)
+  mngr.save(1, shifted(trainable, 1.0), opt_state)
+  mngr.wait_until_finished()
+  _stop_before_finalize()
   mngr.save(2, shifted(trainable, 2.0), opt_state)   # finalizes in a background thread
+  mngr.wait_until_finished()
+  print("NOT REACHED", flush=True)
+
+
+def _hang_adapter(adapter_dir):
+  _, frozen, trainable, tx, opt_state = problem()
+  jlora.save_adapter(adapter_dir, shifted(trainable, 1.0), SPEC, base=frozen)
+  _stop_before_finalize()
   jlora.save_adapter(adapter_dir, shifted(trainable, 2.0), SPEC, base=frozen, overwrite=True)
   print("NOT REACHED", flush=True)
 
@@ -170,5 +188,5 @@ def _big_save(directory):
 
 if __name__ == "__main__":
   mode, *rest = sys.argv[1:]
-  {"resume": _resume, "mesh8": _mesh8, "hang_finalize": _hang_finalize,
-   "big_save": _big_save}[mode](*rest)
+  {"resume": _resume, "mesh8": _mesh8, "hang_manager": _hang_manager,
+   "hang_adapter": _hang_adapter, "big_save": _big_save}[mode](*rest)

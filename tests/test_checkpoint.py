@@ -5,8 +5,11 @@ jlora.lora / jlora.merge); resume is checked against an uninterrupted run;
 faults are made for real (a killed process, garbled files).
 """
 
+import dataclasses
+import gc
 import glob
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -14,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -125,8 +129,8 @@ def test_round_trip_is_exact_and_usable(lm, saved):
   assert_trees_equal(jlora.load_adapter(saved, base=abstract)[0], trainable)
 
 
-def test_metadata_is_json_with_base_fingerprint(lm, saved):
-  _, _, params, _, frozen, trainable = lm
+def test_metadata_is_json_with_base_fingerprint(lm, saved, tmp_path):
+  _, _, params, spec, frozen, trainable = lm
   meta = jlora.adapter_metadata(saved)
   with open(saved / "adapter_meta" / "metadata") as f:
     assert json.load(f) == meta
@@ -136,6 +140,9 @@ def test_metadata_is_json_with_base_fingerprint(lm, saved):
           if jlora.path_str(kp) != "params/lm_head/bias"]       # the extra leaf is in the adapter
   assert rows == want
   assert len(meta["base"]["sha256"]) == 64
+  # The fingerprint is the same whether the frozen part or the parameters are passed.
+  from_params = jlora.save_adapter(tmp_path / "p", trainable, spec, base=params)
+  assert jlora.adapter_metadata(from_params)["base"] == meta["base"]
   entry = next(e for e in meta["entries"] if e["path"] == "params/layers/down/kernel")
   lp = trainable["params"]["layers"]["down"]["kernel"]
   assert entry["static"]["scale"] == lp.scale == 8 / np.sqrt(2)
@@ -286,9 +293,20 @@ def _truncate(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-# orbax leaves reads of a broken file pending when it raises; they complain at exit.
+@pytest.fixture
+def quiet_asyncio():
+  """orbax leaves reads of a broken file pending when it raises; asyncio logs
+  each when it is collected. Those are expected here."""
+  logger = logging.getLogger("asyncio")
+  disabled, logger.disabled = logger.disabled, True
+  yield
+  gc.collect()
+  logger.disabled = disabled
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_any_damaged_file_gives_a_clear_error_or_the_exact_adapter(lm, saved, tmp_path):
+def test_any_damaged_file_gives_a_clear_error_or_the_exact_adapter(lm, saved, tmp_path,
+                                                                   quiet_asyncio):
   """Garble or truncate each file of a checkpoint in turn: loading either
   raises LoraCheckpointError naming the checkpoint or returns the exact
   adapter (a file orbax does not need), never another error or wrong values."""
@@ -309,6 +327,7 @@ def test_any_damaged_file_gives_a_clear_error_or_the_exact_adapter(lm, saved, tm
         caught.add((rel, damage.__name__))
       else:
         assert_trees_equal(loaded, trainable)
+  gc.collect()   # orbax's abandoned reads, while quiet_asyncio keeps them quiet
   # Damage to the metadata or to the array data that orbax reads is always caught.
   for rel in files:
     if rel == "adapter_meta/metadata" or rel.startswith("adapter/d/"):
@@ -390,6 +409,11 @@ def test_manager_with_stateless_optimizer_and_base_check(tmp_path):
     got = mngr.restore(opt_state=opt_state)
     assert_trees_equal(got.trainable, perturb(trainable))
     assert jax.tree_util.tree_structure(got.opt_state) == jax.tree_util.tree_structure(opt_state)
+    # A trainable template must describe the same adapter (here: another alpha).
+    spec16 = dataclasses.replace(cw.SPEC, alpha=16)
+    _, other_template = jlora.lora_transform(jax.eval_shape(lambda: params), spec16)
+    with pytest.raises(jlora.LoraTreeError, match="scale/layout/dropout"):
+      mngr.restore(opt_state=opt_state, trainable=other_template)
   other = jax.tree.map(lambda x: x, frozen)
   other["l2"]["kernel"] = jnp.ones((32, 8), jnp.bfloat16)
   with jlora.CheckpointManager(tmp_path, base=other) as mngr:
@@ -423,27 +447,45 @@ def test_restore_onto_other_shardings_with_8_devices(tmp_path):
   assert all(len(x.devices()) == 1 for x in jax.tree.leaves((got.trainable, got.opt_state)))
 
 
-def _wait_for(proc, predicate, what, timeout=120):
-  start = time.time()
-  while not predicate():
-    assert proc.poll() is None, f"worker exited before {what}: {proc.stderr.read()[-3000:]}"
-    assert time.time() - start < timeout, f"timed out waiting for {what}"
-    time.sleep(0.002)
+class Worker:
+  """A worker process the test kills; its output is read by a thread so that
+  waiting on it never blocks past the timeout."""
+
+  def __init__(self, tmp_path, *args):
+    self.log = tmp_path / f"{args[0]}.log"
+    with open(self.log, "w") as log:
+      self.proc = subprocess.Popen(worker_cmd(*args), env=worker_env(), stdout=subprocess.PIPE,
+                                   stderr=log, text=True)
+    self.lines = []
+    threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+  def wait_for(self, predicate, what, timeout=120):
+    start = time.time()
+    while not predicate():
+      if self.proc.poll() is not None or time.time() - start > timeout:
+        self.kill()
+        pytest.fail(f"worker {'exited' if self.proc.returncode else 'timed out'} before "
+                    f"{what}: {self.lines} {self.log.read_text()[-3000:]}")
+      time.sleep(0.002)
+
+  def printed(self, prefix):
+    return any(line.startswith(prefix) for line in self.lines)
+
+  def kill(self):
+    if self.proc.poll() is None:
+      os.kill(self.proc.pid, signal.SIGKILL)
+    self.proc.wait()
 
 
 def test_killed_between_write_and_finalize_keeps_the_last_checkpoint(tmp_path):
   ckpt, adapter = tmp_path / "ckpt", tmp_path / "adapter"
-  proc = subprocess.Popen(worker_cmd("hang_finalize", ckpt, adapter), env=worker_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  workers = [Worker(tmp_path, "hang_manager", ckpt), Worker(tmp_path, "hang_adapter", adapter)]
   try:
-    finalizing = []
-    def both_finalizing():
-      finalizing.append(proc.stdout.readline())
-      return sum(line.startswith("FINALIZE") for line in finalizing) == 2
-    _wait_for(proc, both_finalizing, "both saves to reach finalize")
+    for w in workers:
+      w.wait_for(lambda: w.printed("FINALIZE"), "the save reached finalize")
   finally:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    for w in workers:
+      w.kill()
   assert (ckpt / "2.orbax-checkpoint-tmp" / "opt_state").is_dir()   # written, not finalized
   _, frozen, trainable, tx, opt_state = cw.problem()
   step1 = cw.shifted(trainable, 1.0)
@@ -454,26 +496,25 @@ def test_killed_between_write_and_finalize_keeps_the_last_checkpoint(tmp_path):
     assert got.step == 1
     assert_trees_equal((got.trainable, got.opt_state), (step1, opt_state))
     assert mngr.save(2, trainable, opt_state)       # the step can be written again
-  jlora.save_adapter(adapter, trainable, base=frozen, overwrite=True)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ckpt"]
+  jlora.save_adapter(adapter, trainable, base=frozen, overwrite=True)   # cleans the leftovers
+  assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".log") == ["adapter", "ckpt"]
 
 
 def test_killed_mid_write_keeps_the_last_checkpoint(tmp_path):
-  proc = subprocess.Popen(worker_cmd("big_save", tmp_path), env=worker_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  tmp = tmp_path / "2.orbax-checkpoint-tmp"
+  ckpt = tmp_path / "ckpt"
+  worker = Worker(tmp_path, "big_save", ckpt)
+  tmp = ckpt / "2.orbax-checkpoint-tmp"
   try:
-    _wait_for(proc, lambda: proc.stdout.readline().startswith("SAVED 1"), "step 1")
-    _wait_for(proc, lambda: tmp.is_dir() and dir_bytes(tmp) > (1 << 20), "step 2's writing")
+    worker.wait_for(lambda: worker.printed("SAVED 1"), "step 1")
+    worker.wait_for(lambda: tmp.is_dir() and dir_bytes(tmp) > (1 << 20), "step 2's writing")
   finally:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-  assert not (tmp_path / "2").exists() and dir_bytes(tmp) < 64 << 20   # killed part-way
+    worker.kill()
+  assert not (ckpt / "2").exists() and dir_bytes(tmp) < 64 << 20   # killed part-way
   _, frozen, trainable, tx, opt_state = cw.problem()
-  with jlora.CheckpointManager(tmp_path, base=frozen) as mngr:
+  with jlora.CheckpointManager(ckpt, base=frozen) as mngr:
     assert mngr.all_steps() == [1]
     got = mngr.restore(opt_state=opt_state)
     assert_trees_equal((got.trainable, got.opt_state), (cw.shifted(trainable, 1.0), opt_state))
     assert mngr.save(2, trainable, opt_state)
   assert not tmp.exists()            # the manager cleaned up the interrupted save
-  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+  assert sorted(os.listdir(ckpt)) == ["1", "2"]
