@@ -1,0 +1,464 @@
+"""The jlora command line: inspect, merge, convert, and its errors.
+
+Merged weights are checked against jlora.merge of the same trees, converted
+adapters against the factors they came from, and every error path for one
+line on stderr and a non-zero status. Most runs call jlora.cli.main in
+process; one runs the installed console script.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+import jlora
+from jlora import cli
+
+L, D, H, HD, MLP, VOCAB = 2, 8, 2, 4, 12, 16
+LAYOUTS = {
+    "params/layers/query/kernel": jlora.Layout((1,), (2, 3), (0,)),
+    "params/layers/out/kernel": jlora.Layout((1, 2), (3,), (0,)),
+    "params/layers/up/kernel": jlora.Layout((1,), (2,), (0,)),
+}
+SCANNED = ["--rules", "scanned"]
+
+
+def _is_lp(x):
+  return isinstance(x, jlora.LoraParam)
+
+
+def _fill(shapes, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray((0.1 * rng.standard_normal(s[0])).astype(s[1])),
+                      shapes, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], type))
+
+
+def _params():
+  """A small scanned LM's parameters: stacked multi-axis kernels, a bf16 head."""
+  f32 = np.float32
+  return _fill({"params": {
+      "embed": {"embedding": ((VOCAB, D), f32)},
+      "layers": {
+          "query": {"kernel": ((L, D, H, HD), f32), "bias": ((L, H, HD), f32)},
+          "out": {"kernel": ((L, H, HD, D), f32)},
+          "up": {"kernel": ((L, D, MLP), f32)},
+          "LayerNorm_0": {"scale": ((L, D), f32), "bias": ((L, D), f32)}},
+      "lm_head": {"kernel": ((D, VOCAB), jnp.bfloat16)}}}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """Base and adapter files: orbax and safetensors bases, jlora and PEFT adapters."""
+  tmp = tmp_path_factory.mktemp("cli")
+  params = _params()
+  spec = jlora.LoraSpec(rank=3, alpha=6, use_rslora=True,
+                        targets=r"params/layers/(query|out|up)/kernel|params/lm_head/kernel",
+                        rank_pattern={"lm_head/kernel": 2},
+                        extra_trainable=r"params/layers/LayerNorm_0/.*", layouts=LAYOUTS)
+  frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+  # Trained: every B (and every extra) moved off its initial value.
+  rng = np.random.default_rng(1)
+  trainable = jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)),
+      trainable)
+  files = dict(
+      base=jlora.save_params(tmp / "base", params),
+      base_st=jlora.save_params(tmp / "base.safetensors", params),
+      adapter=jlora.save_adapter(tmp / "adapter", trainable, spec, base=frozen),
+      peft=tmp / "peft")
+  jlora.save_peft(files["peft"], trainable, jlora.PeftRules.scanned(), spec=spec)
+  return dict(params=params, spec=spec, frozen=frozen, trainable=trainable, tmp=tmp, **files)
+
+
+def run(capsys, *argv):
+  rc = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+def assert_one_line_error(rc, out, err, *fragments):
+  assert rc != 0
+  assert out == ""
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert lines[0].startswith("jlora: error: "), err
+  assert "Traceback" not in err
+  for frag in fragments:
+    assert frag in lines[0], lines[0]
+
+
+def assert_params_equal(got, want):
+  """Same paths, shapes, dtypes and bits (flat '/'-joined paths)."""
+  want = {jlora.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(want)}
+  assert set(got) == set(want)
+  for p, w in want.items():
+    g = got[p]
+    assert g.shape == w.shape and g.dtype == w.dtype, p
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=p)
+
+
+def flat_params(path):
+  return {jlora.path_str(kp): x for kp, x in
+          jax.tree_util.tree_leaves_with_path(jlora.load_params(path))}
+
+
+# -- bases on disk -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["base", "base_st"])
+def test_save_params_round_trip_keeps_dtypes(setup, name):
+  params = setup["params"]
+  back = jlora.load_params(setup[name], like=params)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+  assert_params_equal(flat_params(setup[name]), params)
+  assert back["params"]["lm_head"]["kernel"].dtype == jnp.bfloat16
+  if name == "base_st":  # the safetensors keys are the '/'-joined paths
+    with safe_open(setup[name], "numpy") as f:
+      keys = set(f.keys())
+    assert "params/layers/query/kernel" in keys and "params/lm_head/kernel" in keys
+  else:  # params/ is a standard orbax PyTree checkpoint of the nested dicts
+    plain = ocp.StandardCheckpointer().restore(setup[name] / "params")
+    np.testing.assert_array_equal(plain["params"]["layers"]["up"]["kernel"],
+                                  params["params"]["layers"]["up"]["kernel"])
+
+
+def test_load_params_like_mismatch_and_overwrite(setup, tmp_path):
+  like = jax.tree.map(lambda x: x, setup["params"])
+  like["params"]["lm_head"]["kernel"] = jnp.zeros((D, VOCAB), jnp.float32)
+  with pytest.raises(jlora.LoraError, match="params/lm_head/kernel"):
+    jlora.load_params(setup["base_st"], like=like)
+  with pytest.raises(jlora.LoraError, match="already exists"):
+    jlora.save_params(setup["base"], setup["params"])
+  p = jlora.save_params(tmp_path / "b", {"w": jnp.ones(3)})
+  jlora.save_params(p, {"w": jnp.zeros(2)}, overwrite=True)
+  np.testing.assert_array_equal(jlora.load_params(p)["w"], np.zeros(2))
+  assert sorted(os.listdir(tmp_path)) == ["b"]  # no staging directories left
+
+
+# -- inspect --------------------------------------------------------------------
+
+
+def test_inspect_jlora_adapter(setup, capsys):
+  trainable = setup["trainable"]
+  rc, out, err = run(capsys, "inspect", setup["adapter"], "--json")
+  assert rc == 0, err
+  info = json.loads(out)
+  assert info["format"] == "jlora"
+  spec = info["spec"]
+  assert (spec["rank"], spec["alpha"], spec["use_rslora"]) == (3, 6, True)
+  assert spec["targets"] == setup["spec"].targets
+  assert spec["rank_pattern"] == {"lm_head/kernel": 2}
+  by_path = {t["path"]: t for t in info["targets"]}
+  flat_t = {jlora.path_str(kp): x for kp, x in
+            jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_lp)[0]}
+  lora = {p: x for p, x in flat_t.items() if _is_lp(x)}
+  assert set(by_path) == set(lora)
+  for p, lp in lora.items():
+    t = by_path[p]
+    assert t["rank"] == lp.rank and t["scale"] == lp.scale
+    assert t["a_shape"] == list(lp.a.shape) and t["b_shape"] == list(lp.b.shape)
+    assert tuple(t["layout"]["in_axes"]) == lp.layout.in_axes
+  assert by_path["params/lm_head/kernel"]["rank"] == 2
+  assert by_path["params/lm_head/kernel"]["dtype"] == "bfloat16"
+  assert by_path["params/layers/out/kernel"]["shape"] == [L, H, HD, D]
+  leaves = jax.tree.leaves(trainable)
+  assert info["trainable_params"] == sum(x.size for x in leaves)
+  assert info["bytes"] == sum(x.size * x.dtype.itemsize for x in leaves)
+  assert {e["path"] for e in info["extra_trainable"]} == {
+      "params/layers/LayerNorm_0/scale", "params/layers/LayerNorm_0/bias"}
+  meta = jlora.adapter_metadata(setup["adapter"])
+  assert info["base"]["sha256"] == meta["base"]["sha256"]
+  params = jax.tree.leaves(setup["params"])
+  assert info["base"]["params"] == len(params)  # the fingerprint's and the extras
+  assert info["base"]["elements"] == sum(x.size for x in params)
+
+  rc, text, _ = run(capsys, "inspect", setup["adapter"])
+  assert rc == 0
+  assert "jlora orbax adapter" in text and meta["base"]["sha256"] in text
+  assert "params/layers/out/kernel" in text and f"{info['trainable_params']:,} parameters" in text
+
+
+def test_inspect_peft_folder(setup, capsys):
+  rc, out, err = run(capsys, "inspect", setup["peft"], "--json")
+  assert rc == 0, err
+  info = json.loads(out)
+  assert info["format"] == "peft" and info["base"] is None
+  assert (info["spec"]["rank"], info["spec"]["alpha"], info["spec"]["use_rslora"]) == (3, 6, True)
+  tensors = load_file(setup["peft"] / "adapter_model.safetensors")
+  assert info["trainable_params"] == sum(t.size for t in tensors.values())
+  assert info["bytes"] == sum(t.nbytes for t in tensors.values())
+  by_module = {t["module"]: t for t in info["targets"]}
+  assert len(by_module) == 3 * L + 1   # query/out/up per layer, lm_head
+  q = by_module["model.layers.1.query"]
+  assert (q["rank"], q["in"], q["out"]) == (3, D, H * HD)
+  assert q["scale"] == pytest.approx(6 / np.sqrt(3))
+  head = by_module["lm_head"]
+  assert (head["rank"], head["in"], head["out"]) == (2, D, VOCAB)
+  assert {t["key"] for t in info["modules_to_save"]} == {
+      f"base_model.model.model.layers.{i}.LayerNorm_0.{n}" for i in range(L)
+      for n in ("weight", "bias")}
+  rc, text, _ = run(capsys, "inspect", setup["peft"])
+  assert rc == 0 and "PEFT LoRA adapter folder" in text and "model.layers.0.out" in text
+
+
+def test_inspect_base(setup, capsys):
+  rc, out, _ = run(capsys, "inspect", setup["base_st"], "--json")
+  assert rc == 0
+  info = json.loads(out)
+  assert info["format"] == "params"
+  assert info["params"] == len(jax.tree.leaves(setup["params"]))
+  assert info["dtypes"] == {"float32": info["params"] - 1, "bfloat16": 1}
+
+
+# -- merge ----------------------------------------------------------------------
+
+
+def _reference_merge(setup):
+  return jlora.merge(setup["frozen"], setup["trainable"])
+
+
+@pytest.mark.parametrize("base,out", [("base", "merged.safetensors"), ("base_st", "merged"),
+                                      ("plain", "merged")])
+def test_merge_jlora_adapter(setup, capsys, tmp_path, base, out):
+  if base == "plain":  # a plain orbax PyTree checkpoint, written without jlora
+    path = tmp_path / "plain"
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(path, setup["params"])
+  else:
+    path = setup[base]
+  rc, stdout, err = run(capsys, "merge", "--base", path, "--adapter", setup["adapter"],
+                        "--out", tmp_path / out)
+  assert rc == 0, err
+  assert "wrote" in stdout and err == ""
+  merged = flat_params(tmp_path / out)
+  assert_params_equal(merged, _reference_merge(setup))
+  assert merged["params/lm_head/kernel"].dtype == jnp.bfloat16
+  # The adapter changed the adapted weights and the extra ones, nothing else.
+  params = {jlora.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(setup["params"])}
+  changed = {p for p in params if not np.array_equal(np.asarray(merged[p], np.float32),
+                                                     np.asarray(params[p], np.float32))}
+  assert changed == {"params/layers/query/kernel", "params/layers/out/kernel",
+                     "params/layers/up/kernel", "params/lm_head/kernel",
+                     "params/layers/LayerNorm_0/scale", "params/layers/LayerNorm_0/bias"}
+  if out.endswith(".safetensors"):  # flat '/'-joined keys, readable by any tool
+    with safe_open(tmp_path / out, "numpy") as f:
+      assert set(f.keys()) == set(params)
+
+
+def test_merge_peft_folder_matches_merge(setup, capsys, tmp_path):
+  out = tmp_path / "m.safetensors"
+  rc, _, err = run(capsys, "merge", "--base", setup["base_st"], "--adapter", setup["peft"],
+                   "--out", out, *SCANNED, "--quiet")
+  assert rc == 0, err
+  merged = flat_params(out)
+  ref = {jlora.path_str(kp): x
+         for kp, x in jax.tree_util.tree_leaves_with_path(_reference_merge(setup))}
+  for p, w in ref.items():
+    assert merged[p].dtype == w.dtype, p
+    # PEFT's (out, in) flattening is a reshape, so the factors come back exactly.
+    np.testing.assert_array_equal(np.asarray(merged[p], np.float32),
+                                  np.asarray(w, np.float32), err_msg=p)
+  # The orbax output is the same again.
+  rc, _, _ = run(capsys, "merge", "--base", setup["base"], "--adapter", setup["peft"],
+                 "--out", tmp_path / "m2", "--format", "orbax", *SCANNED)
+  assert rc == 0
+  assert_params_equal(flat_params(tmp_path / "m2"), jlora.load_params(out))
+
+
+def test_merge_peft_layout_from_flag_when_shapes_are_ambiguous(setup, capsys, tmp_path):
+  # A base whose out kernel (L, 8, 1, 8) splits two ways into 8 inputs.
+  params = jax.tree.map(lambda x: x, setup["params"])
+  w0 = np.asarray(params["params"]["layers"]["out"]["kernel"]).reshape(L, H * HD, 1, D)
+  params["params"]["layers"]["out"]["kernel"] = jnp.asarray(w0)
+  base = jlora.save_params(tmp_path / "b.safetensors", params)
+  argv = ["merge", "--base", base, "--adapter", setup["peft"], *SCANNED]
+  assert_one_line_error(*run(capsys, *argv, "--out", tmp_path / "m1.safetensors"),
+                        "params/layers/out/kernel", "--layout")
+  rc, _, err = run(capsys, *argv, "--out", tmp_path / "m2.safetensors",
+                   "--layout", "params/layers/out/kernel=1:2,3:0")
+  assert rc == 0, err
+  got = flat_params(tmp_path / "m2.safetensors")["params/layers/out/kernel"]
+  # Reference: PyTorch's delta s * B @ A (out, in), per layer, in the weight's axis order.
+  sd = load_file(setup["peft"] / "adapter_model.safetensors")
+  for i in range(L):
+    key = f"base_model.model.model.layers.{i}.out"
+    delta = 6 / np.sqrt(3) * (sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"])
+    np.testing.assert_allclose(np.asarray(got[i]), w0[i] + delta.T.reshape(H * HD, 1, D),
+                               rtol=1e-6, atol=1e-6)
+
+
+# -- convert --------------------------------------------------------------------
+
+
+def test_convert_round_trip_orbax_peft_orbax(setup, capsys, tmp_path):
+  peft_dir, back = tmp_path / "peft", tmp_path / "back"
+  rc, out, err = run(capsys, "convert", setup["adapter"], peft_dir, "--to", "peft", *SCANNED,
+                     "--base-model-name", "my/model")
+  assert rc == 0, err
+  # The same folder save_peft writes from the trees in memory.
+  want, got = (load_file(d / "adapter_model.safetensors") for d in (setup["peft"], peft_dir))
+  assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+  config = json.loads((peft_dir / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == "my/model" and config["use_rslora"] is True
+
+  rc, out, err = run(capsys, "convert", peft_dir, back, "--to", "orbax", "--base",
+                     setup["base"], *SCANNED)
+  assert rc == 0, err
+  # Loads in Python onto the nested-dict tree: the fingerprint kept the tree's order.
+  loaded, spec = jlora.load_adapter(back, base=setup["frozen"])
+  orig = setup["trainable"]
+  assert jax.tree_util.tree_structure(loaded, is_leaf=_is_lp) == \
+      jax.tree_util.tree_structure(orig, is_leaf=_is_lp)
+  for (p, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(loaded, is_leaf=_is_lp),
+                            jax.tree_util.tree_leaves_with_path(orig, is_leaf=_is_lp)):
+    if _is_lp(w):
+      assert (g.layout, g.scale, g.rank) == (w.layout, w.scale, w.rank), p
+      for name in ("a", "b"):
+        np.testing.assert_array_equal(getattr(g, name), getattr(w, name))
+        assert getattr(g, name).dtype == getattr(w, name).dtype
+    else:
+      np.testing.assert_array_equal(g, w)
+  assert spec.rank_for("params/lm_head/kernel") == 2 and spec.use_rslora
+
+
+def test_convert_peft_with_base_checks_fingerprint(setup, capsys, tmp_path):
+  rc, _, err = run(capsys, "convert", setup["adapter"], tmp_path / "p", "--to", "peft",
+                   "--base", setup["base_st"], *SCANNED)
+  assert rc == 0, err
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad(setup):
+  """Files that are not what a command wants."""
+  tmp = setup["tmp"] / "bad"
+  tmp.mkdir()
+  (tmp / "empty").mkdir()
+  (tmp / "notes.txt").write_text("hello")
+  other = jax.tree.map(lambda x: x, setup["params"])
+  other["params"]["layers"]["up"]["kernel"] = jnp.zeros((L, D, MLP + 1))
+  other_base = jlora.save_params(tmp / "other.safetensors", other)
+  fewer = jax.tree.map(lambda x: x, setup["params"])
+  del fewer["params"]["embed"]
+  fewer_base = jlora.save_params(tmp / "fewer.safetensors", fewer)
+  garbled = tmp / "garbled"
+  shutil.copytree(setup["adapter"], garbled)
+  for f in (garbled / "adapter_meta").rglob("*"):
+    if f.is_file():
+      f.write_text("{not json")
+  return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled)
+
+
+ERRORS = {
+    "missing path": (lambda s, b: ["inspect", b["tmp"] / "nope"], ["does not exist"]),
+    "empty folder": (lambda s, b: ["inspect", b["tmp"] / "empty"], ["is not an adapter"]),
+    "text file": (lambda s, b: ["inspect", b["tmp"] / "notes.txt"], ["not an adapter"]),
+    "garbled adapter": (lambda s, b: ["inspect", b["garbled"]], ["corrupted"]),
+    "missing base": (lambda s, b: ["merge", "--base", b["tmp"] / "nope.safetensors",
+                                   "--adapter", s["adapter"], "--out", b["tmp"] / "o1"],
+                     ["does not exist"]),
+    "adapter is a base": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["base"],
+                                        "--out", b["tmp"] / "o2"], ["not an adapter"]),
+    "base is an adapter": (lambda s, b: ["merge", "--base", s["adapter"], "--adapter",
+                                         s["adapter"], "--out", b["tmp"] / "o3"],
+                           ["it is an adapter"]),
+    "mismatched base": (lambda s, b: ["merge", "--base", b["other"], "--adapter", s["adapter"],
+                                      "--out", b["tmp"] / "o4"],
+                        ["params/layers/up/kernel", "another base"]),
+    "base lacks a param": (lambda s, b: ["merge", "--base", b["fewer"], "--adapter",
+                                         s["adapter"], "--out", b["tmp"] / "o5"],
+                           ["params/embed/embedding"]),
+    "mismatched base (PEFT)": (lambda s, b: ["merge", "--base", b["other"], "--adapter",
+                                             s["peft"], "--out", b["tmp"] / "o6", *SCANNED],
+                               ["params/layers/up/kernel"]),
+    "PEFT with wrong rules": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                            s["peft"], "--out", b["tmp"] / "o7"],
+                              ["model.layers", "--rules generic"]),
+    "out exists": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["adapter"],
+                                 "--out", s["base_st"]], ["already exists", "--overwrite"]),
+    "mismatched base (convert)": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c1",
+                                                "--to", "peft", "--base", b["other"],
+                                                *SCANNED], ["another base"]),
+    "convert without base": (lambda s, b: ["convert", s["peft"], b["tmp"] / "c2", "--to",
+                                           "orbax", *SCANNED], ["needs --base"]),
+    "convert to same format": (lambda s, b: ["convert", s["peft"], b["tmp"] / "c3", "--to",
+                                             "peft"], ["already a PEFT folder"]),
+    "no command": (lambda s, b: [], ["COMMAND"]),
+    "unknown command": (lambda s, b: ["bogus"], ["invalid choice"]),
+    "missing --out": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["adapter"]],
+                      ["--out"]),
+    "bad --rules": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c4", "--to", "peft",
+                                  "--rules", "llama"], ["--rules", "invalid choice"]),
+    "bad --to": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c5", "--to", "onnx"],
+                 ["--to"]),
+    "bad --layout": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["peft"],
+                                   "--out", b["tmp"] / "o8", "--layout", "x=1;2"],
+                     ["--layout expects"]),
+    "--stack without scanned": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c6", "--to",
+                                              "peft", "--stack", "params/h"],
+                                ["--stack goes with --rules scanned"]),
+    "bad --format for out": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                           s["adapter"], "--out", b["tmp"] / "o9",
+                                           "--format", "safetensors"], [".safetensors"]),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_are_one_line(setup, bad, capsys, case):
+  make_argv, fragments = ERRORS[case]
+  rc, out, err = run(capsys, *make_argv(setup, bad))
+  assert_one_line_error(rc, out, err, *fragments)
+
+
+def test_unexpected_errors_show_a_traceback_only_with_debug(setup, capsys, monkeypatch):
+  def boom(args):
+    raise RuntimeError("a bug")
+  monkeypatch.setattr(cli, "_inspect_jlora", boom)
+  rc, out, err = run(capsys, "inspect", setup["adapter"])
+  assert_one_line_error(rc, out, err, "unexpected RuntimeError: a bug", "--debug")
+  with pytest.raises(RuntimeError, match="a bug"):
+    cli.main(["inspect", str(setup["adapter"]), "--debug"])
+  with pytest.raises(jlora.LoraError, match="does not exist"):
+    cli.main(["--debug", "inspect", "/no/such/adapter"])
+
+
+def test_help_and_version(capsys):
+  rc, out, _ = run(capsys, "merge", "--help")
+  assert rc == 0 and "--adapter" in out and "--rules" in out
+  rc, out, _ = run(capsys, "--version")
+  assert rc == 0 and jlora.__version__ in out
+
+
+# -- the installed entry point -----------------------------------------------------
+
+
+def _console_script():
+  script = pathlib.Path(sys.executable).with_name("jlora")
+  if not script.exists():  # an editable install made before the script was declared
+    subprocess.run([sys.executable, "-m", "pip", "install", "-e",
+                    str(pathlib.Path(__file__).parents[1]), "--no-deps", "-q"], check=True)
+  return script
+
+
+def test_console_script(setup, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([str(_console_script()), "inspect", str(setup["adapter"]), "--json"],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout)["spec"]["rank"] == 3
+  proc = subprocess.run([sys.executable, "-m", "jlora", "inspect", str(tmp_path / "nope")],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 1 and proc.stdout == ""
+  assert proc.stderr.strip().splitlines() == [f"jlora: error: '{tmp_path / 'nope'}' does not exist"]
