@@ -310,7 +310,7 @@ def _adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
         raise LoraTreeError(f"'{path}' has LoRA factors in trainable but no W0 in base")
       check_factors(path, w0, t)
       if spec is not None:
-        _check_spec_fits(spec, path, w0, t)
+        _check_spec_fits(spec, path, t)
       infos = {}
       for name in _array_fields():
         value = getattr(t, name)
@@ -351,7 +351,7 @@ def _adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
   return arrays, meta
 
 
-def _check_spec_fits(spec: LoraSpec, path: str, w0: Any, lp: LoraParam) -> None:
+def _check_spec_fits(spec: LoraSpec, path: str, lp: LoraParam) -> None:
   rank, scale = lp.a.shape[-1], spec.scale_for(path)
   if spec.rank_for(path) != rank or not math.isclose(scale, lp.scale, rel_tol=1e-12):
     raise LoraSpecError(
