@@ -4,6 +4,7 @@ from jlora._errors import LoraError, LoraLayoutError, LoraSpecError, LoraTreeErr
 from jlora._paths import path_str
 from jlora.checkpoint import (CheckpointManager, LoraCheckpointError, adapter_metadata,
                               load_adapter, save_adapter)
+from jlora.cli import load_params, save_params
 from jlora.interpreter import LoraMaterializeWarning, lora
 from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
@@ -35,6 +36,7 @@ __all__ = [
     "frozen_like",
     "infer_layouts",
     "load_adapter",
+    "load_params",
     "load_peft",
     "lora",
     "lora_transform",
@@ -42,6 +44,7 @@ __all__ = [
     "optimizer",
     "path_str",
     "save_adapter",
+    "save_params",
     "save_peft",
     "summary",
     "unmerge",
