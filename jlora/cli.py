@@ -107,12 +107,16 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _canonical_order(paths: Sequence[str]) -> list[str]:
-  """The leaf order of the nested dicts the paths name (Linen's order)."""
-  try:
-    nested = _nest({p: 0 for p in paths})
-  except CliError:
-    return sorted(paths)
-  return [p for p, _ in flatten_with_paths(nested)[0]]
+  """The leaf order JAX gives the tree the paths name, without a stored order.
+
+  JAX sorts dict keys level by level: strings as strings (Linen's
+  ``layers_10`` before ``layers_2``), integers as numbers (NNX's
+  ``blocks/10`` after ``blocks/2``); a digit-only segment is taken to be an
+  integer key.
+  """
+  def key(path: str):
+    return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in path.split("/"))
+  return sorted(paths, key=key)
 
 
 def _describe(shape: Any, dtype: Any) -> str:

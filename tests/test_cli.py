@@ -462,3 +462,11 @@ def test_console_script(setup, tmp_path):
                         capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 1 and proc.stdout == ""
   assert proc.stderr.strip().splitlines() == [f"jlora: error: '{tmp_path / 'nope'}' does not exist"]
+
+
+def test_order_without_stored_order_is_jax_order():
+  """A safetensors base from another tool has no leaf order; JAX's is rebuilt."""
+  tree = {"params": {"layers_10": {"kernel": 0}, "layers_2": {"kernel": 0}, "a": 0},
+          "blocks": {i: {"w": 0} for i in range(12)}}
+  paths = [jlora.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert cli._canonical_order(sorted(paths)) == paths
