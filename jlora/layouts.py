@@ -178,12 +178,17 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args, **kwargs) -> dict[
   for i in present:
     path, leaf = pairs[i]
     roles = walker.roles.get(path)
-    if not roles or len(roles) != len(leaf.shape):
+    if not roles:
       continue
     by_role = {r: tuple(sorted(ax for ax, (role, _) in roles.items() if role == r))
                for r in ("in", "out", "stack")}
+    # An axis that no dot sees was indexed away before the dot (a layer
+    # picked out of a stack by a traced index: dynamic_slice + squeeze), so
+    # each index gets its own low-rank pair: a stack axis.
+    unseen = tuple(ax for ax in range(len(leaf.shape)) if ax not in roles)
     if by_role["in"] and by_role["out"]:
-      layouts[path] = Layout(by_role["in"], by_role["out"], by_role["stack"])
+      layouts[path] = Layout(by_role["in"], by_role["out"],
+                             tuple(sorted(by_role["stack"] + unseen)))
   return layouts
 
 
