@@ -555,9 +555,6 @@ def test_while_loop_weight_as_body_constant(jit):
 
 
 @JIT_ONLY
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "forward-mode AD (jax.jvp / jacfwd) of a transformed function fails: the LoRA "
-    "matmul jlora._lowrank.lora_matmul is a jax.custom_vjp, which JAX cannot jvp"))
 def test_jvp_through_while_loop(jit):
   """Forward mode is the only AD that goes through a while_loop."""
   frozen, trainable, x = _square_problem()
@@ -758,3 +755,17 @@ def test_lora_dropout_in_scan_and_remat_has_consistent_gradients(jit):
   analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree_util.tree_leaves(grads),
                                                         jax.tree_util.tree_leaves(direction)))
   assert analytic == pytest.approx(numeric, rel=1e-3, abs=1e-4)
+
+
+@JIT
+def test_hessian_matches_merged(jit):
+  """Second-order AD (forward over reverse) goes through the transform."""
+  frozen, trainable, x = _square_problem()
+  apply = jlora.lora(lambda p, x: jnp.tanh(x @ p["w"]).sum())
+  b_of = lambda t: t["w"].b
+  with_b = lambda t, b: {**t, "w": dataclasses.replace(t["w"], b=b)}
+  got = maybe_jit(jax.hessian(lambda b: apply(frozen, with_b(trainable, b), x)), jit)(
+      b_of(trainable))
+  want = jax.hessian(lambda b: jnp.tanh(x @ jlora.merge(frozen, with_b(trainable, b))["w"]).sum())(
+      b_of(trainable))
+  assert_close_forward(got, want)
