@@ -282,7 +282,6 @@ def setup_qwix(ctx: Context) -> JaxSetup:
 # ---- Flax NNX + nnx.LoRA ------------------------------------------------
 
 def setup_nnx_lora(ctx: Context) -> JaxSetup:
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 

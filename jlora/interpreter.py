@@ -22,12 +22,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
 from jlora._errors import LoraLayoutError
 from jlora._lowrank import lora_matmul
+from jlora._tracing import trace
 from jlora._value import LoraValue
 from jlora.partition import assemble
 from jlora.spec import Layout
@@ -486,9 +486,6 @@ _RULES: dict[str, Callable] = {
 # -- the public transform ---------------------------------------------------------
 
 
-def _is_dynamic(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
 
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
   """Transforms ``fn(params, *args, **kwargs)`` into ``fn(frozen, trainable, ...)``.
@@ -524,23 +521,7 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(fn)
   def wrapped(frozen, trainable, *args, lora_dropout_key=None, **kwargs):
     params_leaves, params_tree, adapters = assemble(frozen, trainable)
-    present = [i for i, leaf in enumerate(params_leaves) if leaf is not None]
-    arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
-    dyn_idx = [i for i, leaf in enumerate(arg_leaves) if _is_dynamic(leaf)]
-
-    def flat_fn(param_arrays, dyn_args):
-      leaves = list(params_leaves)
-      for i, arr in zip(present, param_arrays):
-        leaves[i] = arr
-      a_leaves = list(arg_leaves)
-      for i, arr in zip(dyn_idx, dyn_args):
-        a_leaves[i] = arr
-      call_args, call_kwargs = jax.tree_util.tree_unflatten(arg_tree, a_leaves)
-      return fn(jax.tree_util.tree_unflatten(params_tree, leaves), *call_args, **call_kwargs)
-
-    param_arrays = [params_leaves[i] for i in present]
-    dyn_args = [arg_leaves[i] for i in dyn_idx]
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_arrays, dyn_args)
+    closed, out_tree, present, dyn_args = trace(fn, params_leaves, params_tree, args, kwargs)
     invals = []
     for i in present:
       if i not in adapters:
@@ -553,6 +534,6 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     ctx = _Context(dropout_key=lora_dropout_key)
     outs = eval_jaxpr(closed, invals + dyn_args, ctx)
     outs = _dense_outputs(outs, "output of the transformed function")
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+    return jax.tree_util.tree_unflatten(out_tree, outs)
 
   return wrapped

@@ -9,15 +9,14 @@ a scan iterates over are stack axes (one low-rank pair per slice).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from jlora._errors import LoraLayoutError
 from jlora._paths import flatten_with_paths
+from jlora._tracing import trace
 from jlora.spec import Layout
 
 # A view of a weight: for each of its current axes, the set of the original
@@ -150,30 +149,12 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args, **kwargs) -> dict[
     Layout(in_axes=(0,), out_axes=(1, 2), stack_axes=())
   """
   pairs, treedef = flatten_with_paths(params)
-  present = [i for i, (_, leaf) in enumerate(pairs) if leaf is not None]
-  arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
-  is_dyn = lambda x: isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-  dyn_idx = [i for i, leaf in enumerate(arg_leaves) if is_dyn(leaf)]
-
-  def flat_fn(param_arrays, dyn_args):
-    leaves = [leaf for _, leaf in pairs]
-    for i, arr in zip(present, param_arrays):
-      leaves[i] = arr
-    a_leaves = list(arg_leaves)
-    for i, arr in zip(dyn_idx, dyn_args):
-      a_leaves[i] = arr
-    call_args, call_kwargs = jax.tree_util.tree_unflatten(arg_tree, a_leaves)
-    return fn(treedef.unflatten(leaves), *call_args, **call_kwargs)
-
-  def abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-  closed = jax.make_jaxpr(flat_fn)([abstract(pairs[i][1]) for i in present],
-                                   [abstract(arg_leaves[i]) for i in dyn_idx])
+  closed, _, present, dyn_args = trace(fn, [leaf for _, leaf in pairs], treedef, args, kwargs,
+                                       abstract=True)
   walker = _Walker()
   views = [(pairs[i][0], tuple(frozenset([ax]) for ax in range(len(pairs[i][1].shape))))
            if _is_weight(pairs[i][1]) else None for i in present]
-  walker.walk(closed, views + [None] * len(dyn_idx))
+  walker.walk(closed, views + [None] * len(dyn_args))
   layouts = {}
   for i in present:
     path, leaf = pairs[i]
