@@ -327,21 +327,17 @@ def _dot_general_lowrank(x, x_lora, w: LoraValue, contracting, batch, w_is_rhs, 
 # -- higher-order primitives -------------------------------------------------------
 
 
-def _dense_outputs(values, primitive):
-  return [_dense(v, primitive) for v in values]
-
-
 def _call_rule(ctx, eqn, invals):
   """jit / pjit / closed_call: inline the inner jaxpr."""
   inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  return _dense_outputs(eval_jaxpr(inner, invals, ctx), eqn.primitive.name)
+  return _dense_all(eval_jaxpr(inner, invals, ctx), eqn.primitive.name)
 
 
 def _remat_rule(ctx, eqn, invals):
   inner = eqn.params["jaxpr"]
 
   def body(*args):
-    return _dense_outputs(eval_jaxpr(inner, args, ctx), "remat")
+    return _dense_all(eval_jaxpr(inner, args, ctx), "remat")
 
   fn = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
                       policy=eqn.params.get("policy"))
@@ -379,7 +375,7 @@ def _scan_rule(ctx, eqn, invals):
     xs_vals = [t.replace(w0=x[0], a=x[1], b=x[2]) if t is not None else x
                for t, x in zip(templates, xs_now)]
     outs = eval_jaxpr(p["jaxpr"], list(consts) + list(carry) + xs_vals, ctx.child(key))
-    outs = _dense_outputs(outs, "scan")
+    outs = _dense_all(outs, "scan")
     return outs[:ncar], outs[ncar:]
 
   carry_out, ys = lax.scan(body, carry, (xs, keys), length=p["length"],
@@ -392,7 +388,7 @@ def _cond_rule(ctx, eqn, invals):
   index = _dense(index, "cond")
 
   def branch_fn(branch):
-    return lambda *args: _dense_outputs(eval_jaxpr(branch, args, ctx), "cond")
+    return lambda *args: _dense_all(eval_jaxpr(branch, args, ctx), "cond")
 
   return list(lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], *ops))
 
@@ -407,52 +403,40 @@ def _while_rule(ctx, eqn, invals):
     return eval_jaxpr(p["cond_jaxpr"], list(cconsts) + list(carry), ctx)[0]
 
   def body_fn(carry):
-    return _dense_outputs(eval_jaxpr(p["body_jaxpr"], list(bconsts) + list(carry), ctx), "while")
+    return _dense_all(eval_jaxpr(p["body_jaxpr"], list(bconsts) + list(carry), ctx), "while")
 
   return list(lax.while_loop(cond_fn, body_fn, init))
 
 
-def _custom_jvp_rule(ctx, eqn, invals):
-  """Low-rank primal; derivatives by the function's own rule on the dense W."""
+def _custom_call_parts(ctx, eqn, invals):
+  """The flat inputs of a custom_jvp/custom_vjp call with adapted weights, its
+  low-rank primal, and the original call on dense weights (whose own
+  derivative rule then applies)."""
   flat, tree = jax.tree_util.tree_flatten(invals)
+  name = eqn.primitive.name
+
+  def lowrank_call(*leaves):
+    vals = jax.tree_util.tree_unflatten(tree, leaves)
+    return _dense_all(eval_jaxpr(eqn.params["call_jaxpr"], vals, ctx), name)
 
   def dense_call(*leaves):
     vals = jax.tree_util.tree_unflatten(tree, leaves)
-    return _bind(eqn, [v.materialize() if _is_lora(v) else v for v in vals])
+    return list(_bind(eqn, _dense_all(vals, f"{name} (its custom derivative rule)")))
 
-  @jax.custom_jvp
-  def call(*leaves):
-    vals = jax.tree_util.tree_unflatten(tree, leaves)
-    return _dense_outputs(eval_jaxpr(eqn.params["call_jaxpr"], vals, ctx), "custom_jvp_call")
+  return flat, lowrank_call, dense_call
 
-  @call.defjvp
-  def call_jvp(primals, tangents):
-    return jax.jvp(lambda *l: list(dense_call(*l)), primals, tangents)
 
+def _custom_jvp_rule(ctx, eqn, invals):
+  flat, lowrank_call, dense_call = _custom_call_parts(ctx, eqn, invals)
+  call = jax.custom_jvp(lowrank_call)
+  call.defjvp(lambda primals, tangents: jax.jvp(dense_call, primals, tangents))
   return list(call(*flat))
 
 
 def _custom_vjp_rule(ctx, eqn, invals):
-  """Low-rank primal; derivatives by the function's own rule on the dense W."""
-  flat, tree = jax.tree_util.tree_flatten(invals)
-
-  def dense_call(*leaves):
-    vals = jax.tree_util.tree_unflatten(tree, leaves)
-    return list(_bind(eqn, [v.materialize() if _is_lora(v) else v for v in vals]))
-
-  @jax.custom_vjp
-  def call(*leaves):
-    vals = jax.tree_util.tree_unflatten(tree, leaves)
-    return _dense_outputs(eval_jaxpr(eqn.params["call_jaxpr"], vals, ctx), "custom_vjp_call")
-
-  def fwd(*leaves):
-    out, vjp = jax.vjp(dense_call, *leaves)
-    return out, vjp
-
-  def bwd(vjp, g):
-    return tuple(vjp(g))
-
-  call.defvjp(fwd, bwd)
+  flat, lowrank_call, dense_call = _custom_call_parts(ctx, eqn, invals)
+  call = jax.custom_vjp(lowrank_call)
+  call.defvjp(lambda *leaves: jax.vjp(dense_call, *leaves), lambda vjp, g: tuple(vjp(g)))
   return list(call(*flat))
 
 
@@ -533,7 +517,7 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
                                 dropout=lp.dropout, dtype=jnp.dtype(w0.dtype), path=path))
     ctx = _Context(dropout_key=lora_dropout_key)
     outs = eval_jaxpr(closed, invals + dyn_args, ctx)
-    outs = _dense_outputs(outs, "output of the transformed function")
+    outs = _dense_all(outs, "output of the transformed function")
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
   return wrapped
