@@ -159,25 +159,30 @@ def make_batches(cfg: ModelConfig, n_batches: int, seed: int = 0
     return win[..., :-1], win[..., 1:]
 
 
+def _causal_attention(q, k, v, n_heads):
+    """Causal multi-head attention on (B, S, D) projections (Linen and NNX)."""
+    import jax
+    import jax.numpy as jnp
+
+    B, S, D = q.shape
+    hd = D // n_heads
+    q, k, v = (t.reshape(B, S, n_heads, hd) for t in (q, k, v))
+    s = jnp.einsum("bshd,bthd->bhst", q, k) / math.sqrt(hd)
+    mask = jnp.tril(jnp.ones((S, S), bool))
+    s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+    w = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhst,bthd->bshd", w, v).reshape(B, S, D)
+
+
 # --------------------------------------------------------------------------
 # Flax Linen
 # --------------------------------------------------------------------------
 
 @functools.cache
 def _linen():
-    import jax
-    import jax.numpy as jnp
     from flax import linen as nn
 
-    def attention(q, k, v, n_heads):
-        B, S, D = q.shape
-        hd = D // n_heads
-        q, k, v = (t.reshape(B, S, n_heads, hd) for t in (q, k, v))
-        s = jnp.einsum("bshd,bthd->bhst", q, k) / math.sqrt(hd)
-        mask = jnp.tril(jnp.ones((S, S), bool))
-        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
-        w = jax.nn.softmax(s, axis=-1)
-        return jnp.einsum("bhst,bthd->bshd", w, v).reshape(B, S, D)
+    attention = _causal_attention
 
     def ln(name):
         return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
@@ -236,19 +241,9 @@ def to_linen(flat: dict[str, np.ndarray]) -> dict:
 
 @functools.cache
 def _nnx():
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    def attention(q, k, v, n_heads):
-        B, S, D = q.shape
-        hd = D // n_heads
-        q, k, v = (t.reshape(B, S, n_heads, hd) for t in (q, k, v))
-        s = jnp.einsum("bshd,bthd->bhst", q, k) / math.sqrt(hd)
-        mask = jnp.tril(jnp.ones((S, S), bool))
-        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
-        w = jax.nn.softmax(s, axis=-1)
-        return jnp.einsum("bhst,bthd->bshd", w, v).reshape(B, S, D)
+    attention = _causal_attention
 
     def ln(d, rngs):
         return nnx.LayerNorm(d, epsilon=LN_EPS, use_fast_variance=False,
