@@ -2,9 +2,9 @@
 
 from jlora._errors import LoraError, LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import path_str
+from jlora.base_files import LoraFileError, load_params, save_params
 from jlora.checkpoint import (CheckpointManager, LoraCheckpointError, adapter_metadata,
                               load_adapter, save_adapter)
-from jlora.cli import load_params, save_params
 from jlora.interpreter import LoraMaterializeWarning, lora
 from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
@@ -22,6 +22,7 @@ __all__ = [
     "Layout",
     "LoraCheckpointError",
     "LoraError",
+    "LoraFileError",
     "LoraLayoutError",
     "LoraMaterializeWarning",
     "LoraParam",

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import jlora
-from jlora import cli
+from jlora import base_files, cli
 
 L, D, H, HD, MLP, VOCAB = 2, 8, 2, 4, 12, 16
 LAYOUTS = {
@@ -469,4 +469,4 @@ def test_order_without_stored_order_is_jax_order():
   tree = {"params": {"layers_10": {"kernel": 0}, "layers_2": {"kernel": 0}, "a": 0},
           "blocks": {i: {"w": 0} for i in range(12)}}
   paths = [jlora.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  assert cli._canonical_order(sorted(paths)) == paths
+  assert base_files._canonical_order(sorted(paths)) == paths
