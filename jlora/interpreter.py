@@ -249,7 +249,7 @@ def _dot_rule(ctx, eqn, invals):
 
 
 def _dot_unbatched(x, x_lora, w: LoraValue, xc, wc, w_is_rhs, params, out_dtype):
-  """No batch axes: flatten to (M, K) @ (K, N) and use the custom-VJP kernel."""
+  """No batch axes: flatten to one (M, K) @ (K, N) LoRA matmul."""
   lay = w.layout
   pair = dict(zip(wc, xc))
   x_contract = [pair[i] for i in lay.in_axes]          # in A's order
@@ -264,10 +264,11 @@ def _dot_unbatched(x, x_lora, w: LoraValue, xc, wc, w_is_rhs, params, out_dtype)
 
   w0 = jnp.transpose(w.w0.astype(w.dtype), lay.in_axes + lay.out_axes).reshape(k, -1)
   a = w.a.reshape(k, -1)
-  b = w.b.reshape(b_rows := w.b.shape[0], -1)
-  del b_rows
+  b = w.b.reshape(w.b.shape[0], -1)
   pet = params.get("preferred_element_type") or out_dtype
-  y = lora_matmul(as_matrix(x), as_matrix(x_lora), w0, a, b, w.scale, jnp.dtype(pet))
+  x2 = as_matrix(x)
+  x2_lora = x2 if x_lora is x else as_matrix(x_lora)
+  y = lora_matmul(x2, x2_lora, w0, a, b, w.scale, jnp.dtype(pet))
   y = y.reshape(m_shape + n_shape).astype(out_dtype)
   # dot_general puts W's free axes in increasing order; B has them in its own.
   nm = len(m_shape)

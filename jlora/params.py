@@ -50,7 +50,7 @@ class LoraParam:
 def lowrank_product(a: jax.Array, b: jax.Array, scale: float, layout: Layout,
                     dtype: Any = jnp.float32) -> jax.Array:
   """``scale * B A`` laid out like the weight the layout describes."""
-  ns, ni = len(layout.stack_axes), len(layout.in_axes)
+  ns = len(layout.stack_axes)
   stack = tuple(range(ns))
   prod = lax.dot_general(
       a.astype(dtype), b.astype(dtype),
@@ -59,5 +59,4 @@ def lowrank_product(a: jax.Array, b: jax.Array, scale: float, layout: Layout,
   # prod axes: stack..., in..., out...; send each back to its weight axis.
   order = layout.stack_axes + layout.in_axes + layout.out_axes
   inverse = [order.index(axis) for axis in range(len(order))]
-  del ni
   return jnp.transpose(prod, inverse) * jnp.asarray(scale, dtype)
