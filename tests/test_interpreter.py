@@ -497,24 +497,15 @@ def test_checkpoint_with_policy(jit):
 
 
 @JIT
-def test_scan_over_stacked_weights(jit):
+@pytest.mark.parametrize("fn", [
+    # nn.scan style: the layer axis is scanned over.
+    lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w), jnp.sum(h)), x, p["w"]),
+    # ``w[i]`` in a loop: dynamic_slice + squeeze of the stack axis stay lazy.
+    lambda p, x: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x),
+], ids=["scan", "traced_layer_index"])
+def test_stacked_weights(jit, fn):
   (w,) = _weights((3, 8, 8))
   x = normal((4, 8), seed=1)
-  fn = lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w), jnp.sum(h)), x, p["w"])
-  layouts = jlora.infer_layouts(fn, {"w": w}, x)
-  assert layouts["w"] == jlora.Layout((1,), (2,), (0,))
-  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]),
-                            layouts=layouts)
-  with _NoMaterialize():
-    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
-
-
-@JIT
-def test_stacked_weights_indexed_by_a_traced_layer_index(jit):
-  """``w[i]`` in a loop: dynamic_slice + squeeze of the stack axis stay lazy."""
-  (w,) = _weights((3, 8, 8))
-  x = normal((4, 8), seed=1)
-  fn = lambda p, x: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
   layouts = jlora.infer_layouts(fn, {"w": w}, x)
   assert layouts["w"] == jlora.Layout((1,), (2,), (0,))
   frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]),
