@@ -1,18 +1,20 @@
 """jlora: LoRA fine-tuning for JAX as a function transformation."""
 
-from jlora._errors import LoraError, LoraLayoutError, LoraSpecError, LoraTreeError
+from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
+                          LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
 from jlora._paths import path_str
-from jlora.base_files import LoraFileError, load_params, save_params
-from jlora.checkpoint import (CheckpointManager, LoraCheckpointError, adapter_metadata,
+from jlora.base_files import load_params, save_params
+from jlora.checkpoint import (CheckpointManager, adapter_metadata,
                               load_adapter, save_adapter)
-from jlora.interpreter import LoraMaterializeWarning, lora
+from jlora.interpreter import lora
 from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
-from jlora.params import LoraParam
-from jlora.partition import lora_transform
-from jlora.peft import LoraPeftError, PeftAdapter, PeftRules, load_peft, save_peft
+from jlora.lora_param import LoraParam
+from jlora.transform import lora_transform
+from jlora.peft import PeftAdapter, PeftRules, load_peft, save_peft
 from jlora.optim import optimizer
-from jlora.spec import Layout, LoraSpec
+from jlora.layout import Layout
+from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 
 __version__ = "0.1.0"

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.params import lowrank_product
-from jlora.spec import Layout
+from jlora.lora_param import lowrank_product
+from jlora.layout import Layout
 
 
 @jax.tree_util.register_dataclass

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jlora._errors import LoraError
+from jlora.errors import LoraFileError
 from jlora._paths import flatten_with_paths
 
 PathLike = str | os.PathLike
@@ -43,10 +43,6 @@ _PARAMS_VERSION = 1
 # Keys of a safetensors file's metadata (string -> string).
 _ST_FORMAT, _ST_PATHS = "format", "jlora.paths"
 _PEFT_CONFIG = "adapter_config.json"   # to tell an adapter given as a base
-
-
-class LoraFileError(LoraError):
-  """A file or directory that cannot be read or written as asked."""
 
 
 # The command line reports these errors as one line.

@@ -43,11 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jlora._errors import LoraError, LoraSpecError, LoraTreeError
+from jlora.errors import LoraCheckpointError, LoraError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.params import LoraParam
-from jlora.partition import _factor_sharding, _leaf_sharding, check_factors
-from jlora.spec import Layout, LoraSpec
+from jlora.lora_param import LoraParam
+from jlora.sharding import factor_shardings, leaf_sharding
+from jlora.transform import check_factors
+from jlora.layout import Layout
+from jlora.spec import LoraSpec
 
 PathLike = str | os.PathLike
 
@@ -66,10 +68,6 @@ def _ocp():
   # Imported on first use: orbax takes a third of `import jlora`'s time.
   import orbax.checkpoint as ocp
   return ocp
-
-
-class LoraCheckpointError(LoraError):
-  """A checkpoint is missing, unreadable, corrupted, or made for another base."""
 
 
 # -- arrays --------------------------------------------------------------------
@@ -113,7 +111,7 @@ def _sharding_of(x: Any) -> jax.sharding.Sharding | None:
   if isinstance(x, jax.ShapeDtypeStruct):
     return x.sharding if isinstance(x.sharding, jax.sharding.Sharding) else None
   if isinstance(x, jax.Array):
-    return _leaf_sharding(x)
+    return leaf_sharding(x)
   return None
 
 
@@ -483,7 +481,7 @@ def _restore_arrays(restore: RestoreFn, item: str, path: pathlib.Path,
 def _factor_shardings(w0: Any, layout: Layout) -> tuple[Any, Any]:
   sharding = _sharding_of(w0)
   if isinstance(sharding, NamedSharding):
-    return _factor_sharding(sharding, layout, len(w0.shape))
+    return factor_shardings(sharding, layout, len(w0.shape))
   if isinstance(sharding, SingleDeviceSharding):
     return sharding, sharding
   return None, None

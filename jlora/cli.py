@@ -37,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._errors import LoraError
+from jlora.errors import LoraError
 from jlora._paths import flatten_with_paths
 from jlora.base_files import (_PARAMS_META, CliError, _is_safetensors, _read_params,
                               save_params)
-from jlora.params import LoraParam
-from jlora.spec import Layout, LoraSpec
+from jlora.lora_param import LoraParam
+from jlora.layout import Layout
+from jlora.spec import LoraSpec
 
 PathLike = str | os.PathLike
 

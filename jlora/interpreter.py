@@ -25,16 +25,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora._errors import LoraLayoutError
+from jlora.errors import LoraLayoutError, LoraMaterializeWarning
 from jlora._lowrank import lora_matmul
 from jlora._tracing import trace
 from jlora._value import LoraValue
-from jlora.partition import assemble
-from jlora.spec import Layout
-
-
-class LoraMaterializeWarning(UserWarning):
-  """An adapted weight reached an op that needs the dense W0 + s B A."""
+from jlora.transform import assemble
+from jlora.layout import Layout
 
 
 @dataclasses.dataclass

@@ -14,10 +14,10 @@ from typing import Any, Callable
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jlora._errors import LoraLayoutError
+from jlora.errors import LoraLayoutError
 from jlora._paths import flatten_with_paths
 from jlora._tracing import trace
-from jlora.spec import Layout
+from jlora.layout import Layout
 
 # A view of a weight: for each of its current axes, the set of the original
 # weight's axes it holds (a merging reshape makes that set larger than one).

@@ -7,9 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._errors import LoraError
-from jlora.params import LoraParam
-from jlora.partition import split_trees
+from jlora.errors import LoraError
+from jlora.lora_param import LoraParam
+from jlora.transform import split_trees
 
 
 def _merged_leaf(w0: jax.Array, lp: LoraParam, sign: float) -> jax.Array:

@@ -7,9 +7,9 @@ from typing import Any
 import jax
 import optax
 
-from jlora._errors import LoraTreeError
+from jlora.errors import LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.params import LoraParam
+from jlora.lora_param import LoraParam
 
 
 def optimizer(tx: optax.GradientTransformation, trainable: Any

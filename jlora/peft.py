@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._errors import LoraError, LoraSpecError
+from jlora.errors import LoraPeftError, LoraSpecError
 from jlora._paths import flatten_with_paths
-from jlora.params import LoraParam
-from jlora.partition import resolve_layout
-from jlora.spec import Layout, LoraSpec
+from jlora.lora_param import LoraParam
+from jlora.transform import resolve_layout
+from jlora.layout import Layout
+from jlora.spec import LoraSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,10 +47,6 @@ KEY_PREFIX = "base_model.model."
 # Flax leaf name -> PyTorch parameter name, for modules trained in full.
 DEFAULT_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight",
                       "embedding": "weight"}
-
-
-class LoraPeftError(LoraError):
-  """A PEFT adapter folder cannot be written or read faithfully."""
 
 
 # -- name rules -------------------------------------------------------------

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
-from jlora.params import LoraParam
-from jlora.partition import lora_transform
-from jlora.spec import Layout, LoraSpec
+from jlora.lora_param import LoraParam
+from jlora.transform import lora_transform
+from jlora.layout import Layout
+from jlora.spec import LoraSpec
 
 
 @dataclasses.dataclass(frozen=True)

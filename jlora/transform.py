@@ -24,12 +24,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora._errors import LoraLayoutError, LoraSpecError, LoraTreeError
+from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.params import LoraParam
-from jlora.spec import Layout, LoraSpec
+from jlora.lora_param import LoraParam
+from jlora.sharding import factor_shardings, leaf_sharding
+from jlora.layout import Layout
+from jlora.spec import LoraSpec
 
 
 def _is_lora_param(x: Any) -> bool:
@@ -90,24 +91,6 @@ def select_targets(pairs, spec: LoraSpec) -> tuple[list[int], list[int]]:
     raise LoraSpecError(
         f"targets {spec.targets!r} match no parameter. Nearest paths: {near}")
   return targets, extras
-
-
-def _factor_sharding(sharding: Any, layout: Layout, ndim: int):
-  if not isinstance(sharding, NamedSharding):
-    return None, None
-  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-  stack = tuple(spec[i] for i in layout.stack_axes)
-  a_spec = stack + tuple(spec[i] for i in layout.in_axes) + (None,)
-  b_spec = stack + (None,) + tuple(spec[i] for i in layout.out_axes)
-  return (NamedSharding(sharding.mesh, PartitionSpec(*a_spec)),
-          NamedSharding(sharding.mesh, PartitionSpec(*b_spec)))
-
-
-def _leaf_sharding(leaf: Any) -> Any:
-  try:
-    return getattr(leaf, "sharding", None)
-  except Exception:  # tracers under jit have no concrete sharding
-    return None
 
 
 def _init_one(key, path_hash, a_shape, b_shape, fan_in, rank, init, dtype):
@@ -179,7 +162,7 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
           f"'{path}': rank {rank} exceeds min(fan_in={fan_in}, fan_out={fan_out}) "
           f"of this weight (shape {tuple(w0.shape)})")
     a_shape, b_shape = layout.a_shape(w0.shape, rank), layout.b_shape(w0.shape, rank)
-    a_sharding, b_sharding = _factor_sharding(_leaf_sharding(w0), layout, len(w0.shape))
+    a_sharding, b_sharding = factor_shardings(leaf_sharding(w0), layout, len(w0.shape))
     dtype = jnp.dtype(spec.dtype)
     if _is_abstract(w0):
       a = jax.ShapeDtypeStruct(a_shape, dtype, sharding=a_sharding)

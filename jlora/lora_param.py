@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.spec import Layout
+from jlora.layout import Layout
 
 
 @jax.tree_util.register_dataclass
