@@ -6,8 +6,7 @@ from jlora._paths import path_str
 from jlora.base_files import load_params, save_params
 from jlora.checkpoint import (CheckpointManager, adapter_metadata,
                               load_adapter, save_adapter)
-from jlora.interpreter import lora
-from jlora.layouts import infer_layouts
+from jlora.interpret import infer_layouts, lora
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.lora_param import LoraParam
 from jlora.transform import lora_transform
