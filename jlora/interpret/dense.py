@@ -68,6 +68,9 @@ class DenseWeight(values.BaseWeight):
   def scan_over_axis0(self) -> "DenseWeight":
     return self
 
+  def stacked_on_axis0(self) -> "DenseWeight":
+    return self
+
 
 values.register_base(jax.Array, DenseWeight)
 values.register_base(np.ndarray, DenseWeight)

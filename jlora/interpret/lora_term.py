@@ -184,5 +184,11 @@ class LoraTerm(values.AdapterTerm):
     return dataclasses.replace(self, layout=Layout(dec(lay.in_axes), dec(lay.out_axes),
                                                    dec(lay.stack_axes[1:])))
 
+  def stacked_on_axis0(self) -> "LoraTerm":
+    lay = self.layout
+    inc = lambda axes: tuple(a + 1 for a in axes)  # noqa: E731
+    return dataclasses.replace(self, layout=Layout(inc(lay.in_axes), inc(lay.out_axes),
+                                                   (0,) + inc(lay.stack_axes)))
+
 
 values.register_term(LoraParam, LoraTerm.of)

@@ -99,6 +99,9 @@ class ProbeTerm(values.AdapterTerm):
     self.recorder.record(self.path, [self.axes[0]], "stack", "a scan over its axis 0")
     return dataclasses.replace(self, axes=self.axes[1:])
 
+  def stacked_on_axis0(self) -> "ProbeTerm":
+    return dataclasses.replace(self, axes=(frozenset(),) + self.axes)
+
 
 def probe(recorder: LayoutRecorder, path: str, ndim: int) -> ProbeTerm:
   return ProbeTerm(path, tuple(frozenset([ax]) for ax in range(ndim)), recorder)

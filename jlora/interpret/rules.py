@@ -266,11 +266,14 @@ def _scan(ctx, eqn, invals):
     outs = interpreter.eval_jaxpr(p["jaxpr"], list(consts) + _with_fixed(loop_c, fixed)
                                   + list(xs_now), ctx.child(key))
     new_c = [interpreter.dense(o, changed) for i, o in enumerate(outs[:ncar]) if i not in fixed]
-    return new_c, interpreter.dense_all(outs[ncar:], "is stacked as a scan output")
+    return new_c, outs[ncar:]
 
   carry_out, ys = lax.scan(step, loop_carry, (scanned, keys), length=p["length"],
                            reverse=p["reverse"], unroll=p["unroll"])
-  return _with_fixed(carry_out, fixed) + list(ys)
+  # A weight returned per iteration (NNX scans hand back the layer state)
+  # comes out stacked, and stays low-rank.
+  ys = [y.stacked_on_axis0() if is_value(y) else y for y in ys]
+  return _with_fixed(carry_out, fixed) + ys
 
 
 @register(_compat.WHILE)

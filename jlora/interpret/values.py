@@ -97,6 +97,11 @@ class BaseWeight(abc.ABC):
     """A base whose leaves all lead with the scanned axis and whose metadata
     describes one slice: ``lax.scan`` slices the leaves, the metadata stays."""
 
+  @abc.abstractmethod
+  def stacked_on_axis0(self) -> "BaseWeight":
+    """The inverse: this base's metadata for leaves that ``lax.scan`` stacked
+    along a new axis 0 (a weight returned as a scan output)."""
+
 
 class AdapterTerm(abc.ABC):
   """One adapter's share of W: its contribution to a dot and to a merge.
@@ -146,6 +151,9 @@ class AdapterTerm(abc.ABC):
 
   @abc.abstractmethod
   def scan_over_axis0(self) -> "AdapterTerm | None": ...
+
+  @abc.abstractmethod
+  def stacked_on_axis0(self) -> "AdapterTerm": ...
 
 
 _BASE_KINDS: dict[type, Callable[[Any], BaseWeight]] = {}
@@ -278,6 +286,13 @@ class AdaptedValue:
     if self.ndim == 0:
       return None
     return self._view(lambda b: b.scan_over_axis0(), lambda t: t.scan_over_axis0())
+
+  def stacked_on_axis0(self) -> "AdaptedValue":
+    """This value's metadata for leaves that ``lax.scan`` stacked along a new
+    axis 0: a weight a scan returns per iteration stays low-rank, each
+    iteration's adapter a slice of the stack."""
+    return AdaptedValue(self.base.stacked_on_axis0(),
+                        tuple(t.stacked_on_axis0() for t in self.terms), self.path)
 
   # -- dot_general ----------------------------------------------------------------
 

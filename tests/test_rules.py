@@ -1,0 +1,294 @@
+"""The interpreter's rules, one primitive at a time, against the merged model.
+
+Lazy rules must not form the merged weight (a ``LoraMaterializeWarning``
+is turned into an error where a rule claims laziness), and must compute
+what ``fn(jlora.merge(frozen, trainable), ...)`` computes, forward and
+gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+import jlora
+from reference import (JIT, JIT_ONLY, NoMaterialize, adapt, assert_close_forward,
+                       assert_close_grads, assert_merge_matters, check_against_merged,
+                       max_abs_diff, maybe_jit, normal, square_problem, weights)
+
+# -- lazy structural ops ----------------------------------------------------------------
+
+
+@JIT_ONLY
+def test_transpose_stays_lazy(jit):
+  (w,) = weights((8, 8))
+  x = normal((4, 8), seed=1)
+  # W.T as the left operand: (out, in) contracted over its axis 1.
+  fn = lambda p, x: (p["w"].T @ x.T).T
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]))
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+@JIT_ONLY
+def test_reshape_densegeneral_kernel_stays_lazy(jit):
+  w_in, w_out = weights((8, 2, 4), (2, 4, 8))
+  x = normal((4, 8), seed=1)
+
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w_in"].reshape(8, 8))         # (d, h, k) -> (d, h*k)
+    return h @ p["w_out"].reshape(8, 8)               # (h, k, d) -> (h*k, d)
+
+  layouts = jlora.infer_layouts(fn, {"w_in": w_in, "w_out": w_out}, x)
+  assert layouts == {"w_in": jlora.Layout((0,), (1, 2)), "w_out": jlora.Layout((0, 1), (2,))}
+  frozen, trainable = adapt({"w_in": w_in, "w_out": w_out},
+                            jlora.LoraSpec(rank=2, alpha=4, targets=["w_in", "w_out"]),
+                            layouts=layouts)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+@JIT_ONLY
+def test_convert_element_type_stays_lazy(jit):
+  (w,) = weights((8, 8))
+  x = normal((4, 8), seed=1)
+  fn = lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]))
+  with NoMaterialize():
+    y = maybe_jit(jlora.lora(fn), jit)(frozen, trainable, x)
+  assert y.dtype == jnp.bfloat16
+  want = fn(jlora.merge(frozen, trainable), x)
+  exact = x @ jlora.merge(frozen, trainable)["w"]
+  assert max_abs_diff(y, want) <= 0.05 * float(jnp.max(jnp.abs(exact)))
+  # The f32 -> f32 round trip through bf16 and back keeps the f32 answer close.
+  fn32 = lambda p, x: x @ p["w"].astype(jnp.bfloat16).astype(jnp.float32)
+  with NoMaterialize():
+    check_against_merged(fn32, frozen, trainable, (x,), jit=jit, fwd_atol=0.05, grad_rtol=0.05)
+
+
+@JIT_ONLY
+@pytest.mark.parametrize("how", ["slice", "split"])
+def test_fused_qkv_slice_stays_lazy(jit, how):
+  """A fused (d, 3 * heads, head_dim) qkv kernel cut into q, k, v along an out axis."""
+  (w,) = weights((8, 6, 4))
+  x = normal((4, 8), seed=1)
+
+  def fn(p, x):
+    if how == "slice":
+      q, k, v = p["qkv"][:, :2], p["qkv"][:, 2:4], p["qkv"][:, 4:]
+    else:
+      q, k, v = jnp.split(p["qkv"], 3, axis=1)
+    proj = lambda w: jnp.einsum("bd,dhk->bhk", x, w)
+    return jnp.tanh(proj(q)) * proj(k) + proj(v)
+
+  layouts = jlora.infer_layouts(fn, {"qkv": w}, x)
+  assert layouts == {"qkv": jlora.Layout((0,), (1, 2))}
+  frozen, trainable = adapt({"qkv": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["qkv"]),
+                            layouts=layouts)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+# -- higher-order primitives ---------------------------------------------------------
+
+
+@JIT
+def test_nested_jit(jit):
+  frozen, trainable, x = square_problem()
+  inner = jax.jit(lambda w, x: jnp.tanh(x @ w))
+  fn = lambda p, x: inner(p["w"], jax.jit(lambda x: inner(p["w"], x))(x))
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+@JIT
+def test_checkpoint_with_policy(jit):
+  frozen, trainable, x = square_problem()
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  block = jax.checkpoint(lambda w, x: jnp.sin(jnp.tanh(x @ w) @ w), policy=policy)
+  fn = lambda p, x: block(p["w"], x)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+@JIT
+@pytest.mark.parametrize("fn", [
+    # nn.scan style: the layer axis is scanned over.
+    lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w), jnp.sum(h)), x, p["w"]),
+    # ``w[i]`` in a loop: dynamic_slice + squeeze of the stack axis stay lazy.
+    lambda p, x: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x),
+], ids=["scan", "traced_layer_index"])
+def test_stackedweights(jit, fn):
+  (w,) = weights((3, 8, 8))
+  x = normal((4, 8), seed=1)
+  layouts = jlora.infer_layouts(fn, {"w": w}, x)
+  assert layouts["w"] == jlora.Layout((1,), (2,), (0,))
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]),
+                            layouts=layouts)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+@JIT
+@pytest.mark.parametrize("pred", [True, False])
+def test_cond(jit, pred):
+  frozen, trainable, x = square_problem()
+  fn = lambda p, x, pred: lax.cond(pred, lambda x: jnp.tanh(x @ p["w"]),
+                                   lambda x: 2.0 * jnp.sin(x @ p["w"]), x)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x, jnp.asarray(pred)), jit=jit)
+
+
+@JIT
+def test_fori_loop_weight_as_body_constant(jit):
+  frozen, trainable, x = square_problem()
+  fn = lambda p, x: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]), x)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
+def _while_fn(p, x, n):
+  body = lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"]))
+  return lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+
+@JIT
+def test_while_loop_weight_as_body_constant(jit):
+  frozen, trainable, x = square_problem()
+  # Reverse mode does not go through lax.while_loop, so forward only.
+  with NoMaterialize():
+    check_against_merged(_while_fn, frozen, trainable, (x, jnp.asarray(3)), jit=jit, grads=False)
+
+
+@JIT_ONLY
+def test_jvp_through_while_loop(jit):
+  """Forward mode is the only AD that goes through a while_loop."""
+  frozen, trainable, x = square_problem()
+  n = jnp.asarray(3)
+  tangent = jax.tree_util.tree_map(lambda l: normal(l.shape, seed=3), trainable)
+  apply = jlora.lora(_while_fn)
+  got = maybe_jit(lambda t, dt: jax.jvp(lambda t: apply(frozen, t, x, n), (t,), (dt,)), jit)(
+      trainable, tangent)
+  want = jax.jvp(lambda t: _while_fn(jlora.merge(frozen, t), x, n), (trainable,), (tangent,))
+  assert_close_forward(got[0], want[0])
+  assert_close_forward(got[1], want[1])
+
+
+def _tanh_matmul(w, x):
+  return jnp.tanh(x @ w)
+
+
+@jax.custom_jvp
+def _doubled_jvp(w, x):
+  return _tanh_matmul(w, x)
+
+
+@_doubled_jvp.defjvp
+def _doubled_jvp_rule(primals, tangents):
+  y, dy = jax.jvp(_tanh_matmul, primals, tangents)
+  return y, 2.0 * dy
+
+
+@jax.custom_vjp
+def _doubled_vjp(w, x):
+  return _tanh_matmul(w, x)
+
+
+def _doubled_vjp_fwd(w, x):
+  y, vjp = jax.vjp(_tanh_matmul, w, x)
+  return y, vjp
+
+
+def _doubled_vjp_bwd(vjp, g):
+  dw, dx = vjp(g)
+  return 2.0 * dw, 2.0 * dx
+
+
+_doubled_vjp.defvjp(_doubled_vjp_fwd, _doubled_vjp_bwd)
+
+
+@JIT
+@pytest.mark.parametrize("custom", [_doubled_jvp, _doubled_vjp], ids=["custom_jvp", "custom_vjp"])
+def test_custom_derivative_rule_is_honoured(jit, custom):
+  frozen, trainable, x = square_problem()
+  fn = lambda p, x: custom(p["w"], jnp.sin(x))
+  with NoMaterialize():   # the primal stays low-rank
+    maybe_jit(jlora.lora(fn), jit)(frozen, trainable, x)
+  # The function's own derivative rule needs the dense weight, and says so.
+  with pytest.warns(jlora.LoraMaterializeWarning, match="custom derivative rule"):
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+  # The rule doubles the true gradient, and the LoRA gradient shows it.
+  plain = lambda p, x: _tanh_matmul(p["w"], jnp.sin(x))
+  grad = lambda f: jax.grad(lambda t: jnp.sum(jlora.lora(f)(frozen, t, x)))(trainable)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", jlora.LoraMaterializeWarning)
+    g_custom, g_plain = grad(fn), grad(plain)
+  assert_close_grads(g_custom, jax.tree_util.tree_map(lambda g: 2.0 * g, g_plain))
+
+
+# -- materialisation, layouts, dropout -------------------------------------------------
+
+
+@JIT
+def test_embedding_gather_materializes_once_with_a_warning(jit):
+  (emb,) = weights((20, 8))
+  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])
+  params = {"embed": {"embedding": emb}}
+  fn = lambda p, t: p["embed"]["embedding"][t]
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["embedding"]))
+  apply = maybe_jit(jlora.lora(fn), jit)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = apply(frozen, trainable, tokens)
+  ours = [w for w in caught if issubclass(w.category, jlora.LoraMaterializeWarning)]
+  assert len(ours) == 1, [str(w.message) for w in caught]
+  message = str(ours[0].message)
+  assert "embed/embedding" in message and "gather" in message, message
+  assert_close_forward(got, fn(jlora.merge(frozen, trainable), tokens))
+  assert_merge_matters(fn, frozen, trainable, (tokens,), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", jlora.LoraMaterializeWarning)
+    check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
+
+
+@JIT_ONLY
+def test_tied_embedding(jit):
+  """One (vocab, d) matrix used by a gather and, transposed, as the output head."""
+  (emb,) = weights((20, 8))
+  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])
+  fn = lambda p, t: jnp.tanh(p["embed"][t]) @ p["embed"].T
+  layouts = jlora.infer_layouts(fn, {"embed": emb}, tokens)
+  assert layouts["embed"] == jlora.Layout((1,), (0,))        # as the head uses it
+  frozen, trainable = adapt({"embed": emb}, jlora.LoraSpec(rank=2, alpha=4, targets=["embed"]),
+                            layouts=layouts)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
+  # The gather materialises (forward and gradient traces); the head dot does not.
+  messages = {str(w.message) for w in caught if issubclass(w.category, jlora.LoraMaterializeWarning)}
+  assert messages and all("'gather'" in m for m in messages), messages
+
+
+@JIT_ONLY
+def test_out_in_kernel_needs_inferred_layout(jit):
+  (w,) = weights((6, 8))                               # stored (out, in)
+  x = normal((4, 8), seed=1)
+  params = {"params": {"proj": {"kernel": w}}}
+  fn = lambda p, x: lax.dot_general(x, p["params"]["proj"]["kernel"], (((1,), (1,)), ((), ())))
+  spec = jlora.LoraSpec(rank=2, alpha=4, targets=["kernel"])
+  frozen, trainable = adapt(params, spec)               # default (in, out) layout: wrong here
+  with pytest.raises(jlora.LoraLayoutError, match="params/proj/kernel"):
+    maybe_jit(jlora.lora(fn), jit)(frozen, trainable, x)
+  layouts = jlora.infer_layouts(fn, params, x)
+  assert layouts["params/proj/kernel"] == jlora.Layout((1,), (0,))
+  frozen, trainable = adapt(params, spec, layouts=layouts)
+  assert trainable["params"]["proj"]["kernel"].a.shape == (8, 2)
+  assert_merge_matters(fn, frozen, trainable, (x,), params)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x,), jit=jit)
+
+
