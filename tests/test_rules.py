@@ -8,14 +8,19 @@ gradients.
 
 from __future__ import annotations
 
+import functools
+import re
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 
 import jlora
+from hlo import lora_step_hlo, weight_shaped_dots
 from reference import (JIT, JIT_ONLY, NoMaterialize, adapt, assert_close_forward,
                        assert_close_grads, assert_merge_matters, check_against_merged,
                        max_abs_diff, maybe_jit, normal, square_problem, weights)
@@ -292,3 +297,199 @@ def test_out_in_kernel_needs_inferred_layout(jit):
     check_against_merged(fn, frozen, trainable, (x,), jit=jit)
 
 
+
+
+# -- values that leave a call stay low-rank ------------------------------------------
+
+
+@jax.jit
+def _transposed(w):
+  """A user's jitted helper that returns a weight (here its transpose)."""
+  return w.T
+
+
+class _NNXJitBlock(nnx.Module):
+  """An ``nnx.jit`` block: the jit returns the module state beside its output."""
+
+  def __init__(self, rngs):
+    self.fc = nnx.Linear(10, 6, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.jit(lambda block, x: jnp.tanh(block.fc(x)))(self, x)
+
+
+class _NNXRematBlock(_NNXJitBlock):
+  def __call__(self, x):
+    return nnx.remat(lambda block, x: jnp.tanh(block.fc(x)))(self, x)
+
+
+class _NNXScanModel(nnx.Module):
+  """Layers stacked with nnx.vmap and run by nnx.scan over nnx.remat: the
+  scan hands back the layer state as its per-iteration output."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return nnx.Linear(10, 10, rngs=rngs)
+    self.layers = create(rngs)
+    self.head = nnx.Linear(10, 6, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.remat
+    def forward(x, layer):
+      return jnp.tanh(layer(x))
+    return self.head(forward(x, self.layers))
+
+
+def _nnx_fn(cls):
+  graphdef, state = nnx.split(cls(nnx.Rngs(0)))
+  return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+_RETURNED = ["dynamic_index_in_dim", "jit_helper", "nnx_jit", "nnx_remat", "nnx_scan_remat",
+             "remat_returns_weight"]
+
+
+@functools.lru_cache
+def _returned_weight_case(name):
+  w_out_in, = weights((6, 10))
+  stack, = weights((3, 10, 6), key=1)
+  x = normal((4, 10), seed=2)   # 4 rows: no activation is shaped like a weight
+  cases = {
+      # x @ helper(w): the (out, in) weight comes back transposed from a jit.
+      "jit_helper": (lambda p, x: jnp.tanh(x @ _transposed(p["w"])), {"w": w_out_in}, (x,)),
+      # lax.dynamic_index_in_dim is a jit on current JAX; the layer index is traced.
+      "dynamic_index_in_dim": (
+          lambda p, x, i: jnp.tanh(x @ lax.dynamic_index_in_dim(p["w"], i, keepdims=False)),
+          {"w": stack}, (x, jnp.asarray(1))),
+      "remat_returns_weight": (
+          lambda p, x: jnp.tanh(x @ jax.checkpoint(lambda w: w.T)(p["w"])), {"w": w_out_in},
+          (x,)),
+  }
+  for nnx_name, cls in (("nnx_jit", _NNXJitBlock), ("nnx_remat", _NNXRematBlock),
+                        ("nnx_scan_remat", _NNXScanModel)):
+    cases[nnx_name] = lambda cls=cls: _nnx_fn(cls) + ((x,),)
+  case = cases[name]
+  return case() if callable(case) else case
+
+
+@JIT
+@pytest.mark.parametrize("name", _RETURNED)
+def test_weight_returned_by_a_call_stays_low_rank(jit, name):
+  fn, params, args = _returned_weight_case(name)
+  layouts = jlora.infer_layouts(fn, params, *args)
+  assert layouts, "no weight was found to adapt"
+  spec = jlora.LoraSpec(rank=2, alpha=4, targets=lambda path, leaf: path in layouts)
+  frozen, trainable = adapt(params, spec, layouts=layouts)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, args, jit=jit)
+    if jit:
+      hlo = lora_step_hlo(fn, frozen, trainable, args)
+      assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+@JIT
+def test_cond_returning_a_weight(jit):
+  frozen, trainable, x = square_problem()
+  # Both branches hand back a view of the same structure: it stays low-rank.
+  pick = lambda p, x, pred: x @ lax.cond(pred, lambda w: w, lambda w: w.T.T, p["w"])
+  with NoMaterialize():
+    check_against_merged(pick, frozen, trainable, (x, jnp.asarray(True)), jit=jit)
+  # One branch forms a new dense weight: the other's value is formed too.
+  scaled = lambda p, x, pred: x @ lax.cond(pred, lambda w: w, lambda w: 2.0 * w, p["w"])
+  with pytest.warns(jlora.LoraMaterializeWarning, match="lax.cond branch"), \
+      warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*'mul', which has no low-rank rule")
+    check_against_merged(scaled, frozen, trainable, (x, jnp.asarray(False)), jit=jit)
+
+
+# -- casts and precision ------------------------------------------------------------
+
+
+@JIT_ONLY
+@pytest.mark.parametrize("narrow", [
+    lambda w: w.astype(jnp.bfloat16).astype(jnp.float32),
+    lambda w: w.astype(jnp.float8_e4m3fn).astype(jnp.float32),
+    lambda w: lax.reduce_precision(w, exponent_bits=4, mantissa_bits=3),
+], ids=["bf16_round_trip", "fp8_fake_quant", "reduce_precision"])
+def test_narrowing_the_weight_rounds_w0(jit, narrow):
+  """With B = 0 the adapted model is the base model, rounding included."""
+  (w,) = weights((8, 8))
+  x = normal((4, 8), seed=1)
+  fn = lambda p, x: x @ narrow(p["w"])
+  frozen, trainable = jlora.lora_transform({"w": w}, jlora.LoraSpec(rank=2, targets=["w"]),
+                                           key=jax.random.key(0))
+  with NoMaterialize():
+    got = maybe_jit(jlora.lora(fn), jit)(frozen, trainable, x)
+  want = fn({"w": w}, x)
+  assert max_abs_diff(want, x @ w) > 1e-3        # the rounding matters at this scale
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # With B != 0 only the rounding of the small delta s B A differs.
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]))
+  with NoMaterialize():
+    got = maybe_jit(jlora.lora(fn), jit)(frozen, trainable, x)
+  merged = fn(jlora.merge(frozen, trainable), x)
+  assert max_abs_diff(got, merged) <= 0.1 * max_abs_diff(merged, want)
+
+
+def _dot_ops(lowered_text: str) -> list[str]:
+  return [line for line in lowered_text.splitlines() if "stablehlo.dot_general" in line]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["flat", "batched"])
+def test_precision_and_preferred_element_type_reach_every_dot(batched):
+  """The model's precision and accumulation type hold for the base dot and
+  both low-rank dots (TPUs and GPUs run DEFAULT in bf16 or TF32)."""
+  if batched:
+    (w,) = weights((3, 8, 6))
+    x = normal((3, 4, 8), seed=1).astype(jnp.bfloat16)
+    fn = lambda p, x: jnp.einsum("ebd,edf->ebf", x, p["w"].astype(jnp.bfloat16),
+                                 precision=lax.Precision.HIGHEST,
+                                 preferred_element_type=jnp.float32)
+    layouts = {"w": jlora.Layout((1,), (2,), (0,))}
+  else:
+    (w,) = weights((8, 6))
+    x = normal((4, 8), seed=1).astype(jnp.bfloat16)
+    fn = lambda p, x: lax.dot(x, p["w"].astype(jnp.bfloat16), precision=lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
+    layouts = None
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, targets=["w"]), layouts=layouts)
+  text = jax.jit(jlora.lora(fn)).lower(frozen, trainable, x).as_text()
+  dots = _dot_ops(text)
+  assert len(dots) == 3, dots
+  for line in dots:
+    assert "precision = [HIGHEST, HIGHEST]" in line, line
+    assert line.rstrip().endswith("f32>"), line       # accumulated in float32
+  control = jax.jit(fn).lower({"w": w}, x).as_text()
+  assert all("HIGHEST" in line for line in _dot_ops(control))
+
+
+# -- source information ----------------------------------------------------------------
+
+
+def _scope_locations(lowered_text: str) -> set[str]:
+  """The name-stack locations (``jit(fn)/scope/op``) of a lowered program."""
+  return {name for name in re.findall(r'loc\("([^"]*)"', lowered_text) if "/" in name}
+
+
+def test_named_scopes_reach_the_lowered_program():
+  def fn(p, x):
+    with jax.named_scope("attention_block"):
+      h = jnp.tanh(x @ p["w"])
+    with jax.named_scope("mlp_block"):
+      return lax.scan(lambda c, _: (jnp.tanh(c @ p["v"]), None), h, length=2)[0]
+
+  (w, v) = weights((8, 8), (8, 8))
+  x = normal((2, 8))
+  frozen, trainable = adapt({"w": w, "v": v}, jlora.LoraSpec(rank=2, targets=["w", "v"]))
+  text = jax.jit(jlora.lora(fn)).lower(frozen, trainable, x).as_text(debug_info=True)
+  plain = jax.jit(fn).lower(jlora.merge(frozen, trainable), x).as_text(debug_info=True)
+  assert "jit(fn)/attention_block/dot_general" in _scope_locations(plain)
+  assert _scope_locations(plain) <= _scope_locations(text), (
+      sorted(_scope_locations(plain) - _scope_locations(text)))
+  # The base dot and both low-rank dots carry the equation's scope.
+  locs = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", text, re.MULTILINE))
+  dots = [locs[m] for m in re.findall(r"stablehlo\.dot_general.*loc\((#loc\d+)\)", text)]
+  assert sum("attention_block/dot_general" in d for d in dots) == 3, dots

@@ -226,20 +226,10 @@ def _remat(ctx, eqn, invals):
                              policy=p.get("policy"))(*invals))
 
 
-def _with_fixed(loop_values: list, fixed: dict[int, Any]) -> list:
-  """The full carry: the loop's own entries with the fixed values put back."""
-  out = list(loop_values)
-  for i in sorted(fixed):
-    out.insert(i, fixed[i])
-  return out
-
-
-def _fixed_carries(jaxpr, carry: list, first_in: int) -> dict[int, Any]:
-  """Carried values that the body hands back unchanged: loop constants, so
-  they stay low-rank (NNX carries module state through its loops)."""
-  inner, _ = _compat.open_jaxpr(jaxpr)
-  return {i: v for i, v in enumerate(carry)
-          if is_value(v) and inner.outvars[i] is inner.invars[first_in + i]}
+# A weight that a loop hands back unchanged is no carry: JAX makes it a
+# loop constant when it traces the loop. A carry that does change cannot
+# stay one low-rank value from one iteration to the next.
+_CHANGED_CARRY = "is a loop carry that the loop body changes"
 
 
 @register(_compat.SCAN)
@@ -247,9 +237,7 @@ def _scan(ctx, eqn, invals):
   p = _compat.eqn_params(eqn)
   nc, ncar = p["num_consts"], p["num_carry"]
   consts, carry, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
-  fixed = _fixed_carries(p["jaxpr"], carry, nc)
-  changed = "is a scan carry that the loop body changes"
-  loop_carry = [interpreter.dense(c, changed) for i, c in enumerate(carry) if i not in fixed]
+  carry = interpreter.dense_all(carry, _CHANGED_CARRY)
   scanned = []
   for v in xs:
     if is_value(v):
@@ -261,19 +249,18 @@ def _scan(ctx, eqn, invals):
   if ctx.dropout_key is not None:
     keys = jax.random.split(ctx.next_key(), p["length"])
 
-  def step(loop_c, xs_key):
+  def step(carry, xs_key):
     xs_now, key = xs_key
-    outs = interpreter.eval_jaxpr(p["jaxpr"], list(consts) + _with_fixed(loop_c, fixed)
-                                  + list(xs_now), ctx.child(key))
-    new_c = [interpreter.dense(o, changed) for i, o in enumerate(outs[:ncar]) if i not in fixed]
-    return new_c, outs[ncar:]
+    outs = interpreter.eval_jaxpr(p["jaxpr"], list(consts) + list(carry) + list(xs_now),
+                                  ctx.child(key))
+    return interpreter.dense_all(outs[:ncar], _CHANGED_CARRY), outs[ncar:]
 
-  carry_out, ys = lax.scan(step, loop_carry, (scanned, keys), length=p["length"],
+  carry_out, ys = lax.scan(step, carry, (scanned, keys), length=p["length"],
                            reverse=p["reverse"], unroll=p["unroll"])
   # A weight returned per iteration (NNX scans hand back the layer state)
   # comes out stacked, and stays low-rank.
   ys = [y.stacked_on_axis0() if is_value(y) else y for y in ys]
-  return _with_fixed(carry_out, fixed) + ys
+  return list(carry_out) + ys
 
 
 @register(_compat.WHILE)
@@ -281,20 +268,15 @@ def _while(ctx, eqn, invals):
   p = _compat.eqn_params(eqn)
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
   cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
-  fixed = _fixed_carries(p["body_jaxpr"], init, bn)
-  changed = "is a while_loop carry that the loop body changes"
 
-  def cond_fn(loop_c):
-    return interpreter.eval_jaxpr(p["cond_jaxpr"], list(cconsts) + _with_fixed(loop_c, fixed),
-                                  ctx)[0]
+  def cond_fn(carry):
+    return interpreter.eval_jaxpr(p["cond_jaxpr"], list(cconsts) + list(carry), ctx)[0]
 
-  def body_fn(loop_c):
-    outs = interpreter.eval_jaxpr(p["body_jaxpr"], list(bconsts) + _with_fixed(loop_c, fixed),
-                                  ctx)
-    return [interpreter.dense(o, changed) for i, o in enumerate(outs) if i not in fixed]
+  def body_fn(carry):
+    outs = interpreter.eval_jaxpr(p["body_jaxpr"], list(bconsts) + list(carry), ctx)
+    return interpreter.dense_all(outs, _CHANGED_CARRY)
 
-  loop_init = [interpreter.dense(v, changed) for i, v in enumerate(init) if i not in fixed]
-  return _with_fixed(lax.while_loop(cond_fn, body_fn, loop_init), fixed)
+  return list(lax.while_loop(cond_fn, body_fn, interpreter.dense_all(init, _CHANGED_CARRY)))
 
 
 @register(_compat.COND)
