@@ -7,7 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.errors import LoraError
+from jlora import _compat
+from jlora._paths import flatten_with_paths
+from jlora.errors import LoraError, LoraTreeError
 from jlora.lora_param import LoraParam
 from jlora.transform import split_trees
 
@@ -28,8 +30,14 @@ def _combine(frozen: Any, trainable: Any, sign: float, check_finite: bool) -> An
       leaf = f
     else:
       leaf = f if f is not None else t
-    if check_finite and leaf is not None and not bool(jnp.all(jnp.isfinite(leaf))):
-      raise LoraError(f"'{path}' has non-finite values after merging")
+    if check_finite and leaf is not None:
+      if _compat.is_tracer(leaf):
+        raise LoraError(
+            f"merge(check_finite=True) needs concrete arrays, but '{path}' is traced (merge is "
+            f"inside jax.jit or another transformation); merge outside it, or check with "
+            f"jnp.isfinite on the result")
+      if not bool(jnp.all(jnp.isfinite(leaf))):
+        raise LoraError(f"'{path}' has non-finite values after merging")
     out.append(leaf)
   return treedef.unflatten(out)
 
@@ -65,6 +73,15 @@ def unmerge(merged: Any, trainable: Any) -> Any:
   has); use ``jlora.frozen_like(params, trainable)`` to drop them from a full
   parameter tree first.
   """
+  m_pairs, m_def = flatten_with_paths(merged)
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, LoraParam))
+  if m_def == t_def:   # (split_trees reports other mismatches)
+    for (path, m), (_, t) in zip(m_pairs, t_pairs):
+      if m is not None and t is not None and not isinstance(t, LoraParam):
+        raise LoraTreeError(
+            f"unmerge: '{path}' is trained in full, so the frozen tree holds None there, "
+            f"but `merged` has it; pass jlora.frozen_like(merged, trainable) to drop the "
+            f"weights trained in full first")
   return _combine(merged, trainable, -1.0, False)
 
 

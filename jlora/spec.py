@@ -8,6 +8,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.errors import LoraSpecError
 from jlora.layout import Layout
@@ -18,6 +19,27 @@ from jlora.layout import Layout
 PathSelector = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
 _INITS = ("default", "gaussian")
+_SELECTORS = ("targets", "exclude", "extra_trainable")
+
+
+def _freeze_selector(sel: Any, what: str) -> Any:
+  """A list or any other iterable of names becomes a tuple, once: a generator
+  would be used up by the first look."""
+  if sel is None or callable(sel) or isinstance(sel, str):
+    return sel
+  try:
+    names = tuple(sel)
+  except TypeError:
+    raise LoraSpecError(f"{what}: expected a regex, a list of names or a callable "
+                        f"fn(path, leaf) -> bool, got {sel!r}") from None
+  if not all(isinstance(n, str) for n in names):
+    raise LoraSpecError(f"{what}: expected a regex, a list of names or a callable, got {sel!r}")
+  return names
+
+
+def _plain_number(x: Any) -> Any:
+  """A NumPy scalar as the Python number it holds (np.int64(8) -> 8)."""
+  return x.item() if isinstance(x, np.generic) else x
 
 
 def _compile_selector(sel: PathSelector | None, what: str) -> Callable[[str, Any], bool]:
@@ -102,6 +124,15 @@ class LoraSpec:
   layouts: Mapping[str, Layout] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
+    for name in ("rank", "alpha", "dropout"):
+      object.__setattr__(self, name, _plain_number(getattr(self, name)))
+    for name in ("rank_pattern", "alpha_pattern", "layouts"):
+      value = getattr(self, name)
+      if not isinstance(value, Mapping):
+        raise LoraSpecError(f"{name} must be a dict of regex -> value, got {value!r}")
+      object.__setattr__(self, name, {k: _plain_number(v) for k, v in value.items()})
+    for name in _SELECTORS:
+      object.__setattr__(self, name, _freeze_selector(getattr(self, name), name))
     _check_rank(self.rank, "rank")
     _check_alpha(self.alpha, "alpha")
     for key, r in self.rank_pattern.items():
@@ -116,14 +147,14 @@ class LoraSpec:
         raise LoraSpecError(f"layouts[{key!r}]: expected a jlora.Layout, got {layout!r}")
     if self.init not in _INITS:
       raise LoraSpecError(f"init must be one of {_INITS}, got {self.init!r}")
-    if not 0.0 <= float(self.dropout) < 1.0:
-      raise LoraSpecError(f"dropout must be in [0, 1), got {self.dropout}")
+    if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+        or not 0.0 <= self.dropout < 1.0):
+      raise LoraSpecError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
     if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
       raise LoraSpecError(f"dtype must be a floating dtype, got {self.dtype}")
     # Compile eagerly so a bad regex fails at construction, not mid-transform.
-    _compile_selector(self.targets, "targets")
-    _compile_selector(self.exclude, "exclude")
-    _compile_selector(self.extra_trainable, "extra_trainable")
+    for name in _SELECTORS:
+      _compile_selector(getattr(self, name), name)
 
   def is_target(self, path: str, leaf: Any) -> bool:
     return (_compile_selector(self.targets, "targets")(path, leaf)
@@ -146,6 +177,18 @@ class LoraSpec:
 
   def layout_override(self, path: str) -> Layout | None:
     return _pattern_lookup(self.layouts, path)
+
+  def check_patterns_match(self, target_paths: Sequence[str]) -> None:
+    """Raises LoraSpecError for a rank_pattern or alpha_pattern key that
+    matches none of ``target_paths``: it would be silently ignored."""
+    for name in ("rank_pattern", "alpha_pattern"):
+      for key in getattr(self, name):
+        if not any(_pattern_lookup({key: True}, p) for p in target_paths):
+          shown = ", ".join(list(target_paths)[:5])
+          raise LoraSpecError(
+              f"{name}[{key!r}] matches no adapted parameter, so it would change nothing "
+              f"(adapted: {shown}{', ...' if len(target_paths) > 5 else ''}); fix the key "
+              f"or drop it")
 
 
 def _check_rank(r: Any, what: str) -> None:

@@ -147,6 +147,7 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
   """
   pairs, treedef = flatten_with_paths(params)
   targets, extras = select_targets(pairs, spec)
+  spec.check_patterns_match([pairs[i][0] for i in targets])
   frozen = [leaf for _, leaf in pairs]
   trainable: list[Any] = [None] * len(pairs)
   for i in extras:

@@ -159,6 +159,12 @@ def test_check_finite_names_the_first_non_finite_parameter():
     jlora.merge(frozen_bad, bad, check_finite=True)
 
 
+def test_check_finite_under_jit_says_it_needs_concrete_arrays():
+  params, frozen, trainable = make(names=("dense",))
+  with pytest.raises(jlora.LoraError, match="'dense/.*' is traced.*merge outside it"):
+    jax.jit(lambda f, t: jlora.merge(f, t, check_finite=True))(frozen, trainable)
+
+
 # -- unmerge / frozen_like -----------------------------------------------------------------
 
 
@@ -175,7 +181,8 @@ def test_unmerge_inverts_merge():
 def test_unmerge_with_extra_trainable_needs_frozen_like():
   params, frozen, trainable = make(extra=["bias"], names=("dense", "torch"))
   merged = jlora.merge(frozen, trainable)
-  with pytest.raises(jlora.LoraTreeError, match="'dense/bias' is a leaf of both"):
+  with pytest.raises(jlora.LoraTreeError, match=r"'dense/bias' is trained in full.*"
+                                                 r"jlora\.frozen_like\(merged, trainable\)"):
     jlora.unmerge(merged, trainable)
   back = jlora.unmerge(jlora.frozen_like(merged, trainable), trainable)
   # A frozen part again: None at the extra leaves, so it pairs with trainable once more.

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlora
@@ -185,10 +186,42 @@ def test_good_inits_and_dropout():
   assert [lp.dropout for lp in lps.values()] == [0.25, 0.25]
 
 
-@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, "0.1", True, None])
 def test_bad_dropout(rate):
-  with pytest.raises(jlora.LoraSpecError, match=r"dropout must be in \[0, 1\)"):
+  with pytest.raises(jlora.LoraSpecError, match=r"dropout must be a number in \[0, 1\)"):
     jlora.LoraSpec(dropout=rate)
+
+
+def test_numpy_scalars_are_numbers():
+  spec = jlora.LoraSpec(rank=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.1),
+                        rank_pattern={"value/kernel": np.int32(2)},
+                        alpha_pattern={"value/kernel": np.float16(3.0)})
+  assert (spec.rank, spec.alpha, spec.dropout) == (4, 8.0, pytest.approx(0.1))
+  assert type(spec.rank) is int and type(spec.alpha) is float and type(spec.dropout) is float
+  assert spec.rank_for("layers/0/value/kernel") == 2
+  assert spec.scale_for("layers/0/value/kernel") == 1.5
+  assert spec == jlora.LoraSpec(rank=4, alpha=8.0, dropout=float(np.float64(0.1)),
+                                rank_pattern={"value/kernel": 2},
+                                alpha_pattern={"value/kernel": 3.0})
+
+
+def test_a_generator_selector_is_kept_not_used_up():
+  spec = jlora.LoraSpec(targets=(n for n in ["query/kernel", "value/kernel"]),
+                        exclude=(n for n in ["layers/1/value/kernel"]))
+  assert spec.targets == ("query/kernel", "value/kernel")
+  expected = ["layers/0/query/kernel", "layers/0/value/kernel", "layers/1/query/kernel"]
+  assert _adapted(spec) == expected
+  assert _adapted(spec) == expected          # and again
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_key_that_matches_no_target_is_an_error(field):
+  value = {"rank_pattern": 2, "alpha_pattern": 4.0}[field]
+  spec = jlora.LoraSpec(targets=["query/kernel"], **{field: {"valeu/kernel": value}})
+  with pytest.raises(jlora.LoraSpecError,
+                     match=rf"{field}\['valeu/kernel'\] matches no adapted parameter.*"
+                           r"layers/0/query/kernel"):
+    _adapted(spec)
 
 
 def test_bad_dtype():
