@@ -13,7 +13,7 @@ CI has run (see the README).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 from jax._src import config as _jax_config
@@ -51,6 +51,10 @@ def is_literal(atom: Any) -> bool:
   return isinstance(atom, _core.Literal)
 
 
+def literal_value(atom: Any) -> Any:
+  return atom.val
+
+
 def is_drop_var(var: Any) -> bool:
   return isinstance(var, _core.DropVar)
 
@@ -60,6 +64,25 @@ def open_jaxpr(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
   if isinstance(jaxpr, _core.ClosedJaxpr):
     return jaxpr.jaxpr, jaxpr.consts
   return jaxpr, ()
+
+
+class JaxprParts(NamedTuple):
+  constvars: Sequence[Any]
+  invars: Sequence[Any]
+  eqns: Sequence[Any]
+  outvars: Sequence[Any]
+  consts: Sequence[Any]
+
+
+def jaxpr_parts(jaxpr: Any) -> JaxprParts:
+  """The variables, equations and constants of a closed or open jaxpr."""
+  open_, consts = open_jaxpr(jaxpr)
+  return JaxprParts(open_.constvars, open_.invars, open_.eqns, open_.outvars, consts)
+
+
+def eqn_vars(eqn: Any) -> tuple[Sequence[Any], Sequence[Any]]:
+  """``(invars, outvars)`` of an equation."""
+  return eqn.invars, eqn.outvars
 
 
 def eqn_name(eqn: Any) -> str:
@@ -124,9 +147,10 @@ def is_tracer(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def last_uses(jaxpr: Any) -> dict[Any, list[Any]]:
+def last_uses(jaxpr: Any) -> dict[int, list[Any]]:
   """For each equation index, the variables whose last use it is, so an
   eager evaluation can drop them (as ``jax.core.eval_jaxpr`` does)."""
+  jaxpr, _ = open_jaxpr(jaxpr)
   last: dict[Any, int] = {}
   outs = {v for v in jaxpr.outvars if not is_literal(v)}
   for i, eqn in enumerate(jaxpr.eqns):

@@ -274,7 +274,8 @@ def test_tied_embedding(jit):
     warnings.simplefilter("always")
     check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
   # The gather materialises (forward and gradient traces); the head dot does not.
-  messages = {str(w.message) for w in caught if issubclass(w.category, jlora.LoraMaterializeWarning)}
+  messages = {str(w.message) for w in caught
+              if issubclass(w.category, jlora.LoraMaterializeWarning)}
   assert messages and all("'gather'" in m for m in messages), messages
 
 

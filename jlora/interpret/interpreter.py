@@ -56,19 +56,20 @@ class Context:
 
 def eval_jaxpr(jaxpr: Any, args: Sequence[Any], ctx: Context) -> list[Any]:
   """Evaluates a (closed) jaxpr on ``args``, any of which may be values."""
-  jaxpr, consts = _compat.open_jaxpr(jaxpr)
+  parts = _compat.jaxpr_parts(jaxpr)
   env: dict[Any, Any] = {}
 
   def read(v):
-    return v.val if _compat.is_literal(v) else env[v]
+    return _compat.literal_value(v) if _compat.is_literal(v) else env[v]
 
-  for var, val in zip(jaxpr.constvars, consts):
+  for var, val in zip(parts.constvars, parts.consts):
     env[var] = val
-  for var, val in zip(jaxpr.invars, args):
+  for var, val in zip(parts.invars, args):
     env[var] = val
   dead = _compat.last_uses(jaxpr)
-  for i, eqn in enumerate(jaxpr.eqns):
-    invals = [read(v) for v in eqn.invars]
+  for i, eqn in enumerate(parts.eqns):
+    invars, outvars = _compat.eqn_vars(eqn)
+    invals = [read(v) for v in invars]
     if any(map(is_value, invals)):
       with _compat.eqn_context(eqn):
         outvals = rules.lookup(_compat.eqn_name(eqn))(ctx, eqn, invals)
@@ -76,12 +77,12 @@ def eval_jaxpr(jaxpr: Any, args: Sequence[Any], ctx: Context) -> list[Any]:
       outvals = _compat.bind(eqn, invals)
     if not _compat.multiple_results(eqn):
       outvals = [outvals]
-    for var, val in zip(eqn.outvars, outvals):
+    for var, val in zip(outvars, outvals):
       if not _compat.is_drop_var(var):
         env[var] = val
     for var in dead.get(i, ()):
       env.pop(var, None)   # eager evaluation frees arrays as it goes
-  return [read(v) for v in jaxpr.outvars]
+  return [read(v) for v in parts.outvars]
 
 
 def dense(value: Any, reason: str) -> Any:

@@ -117,7 +117,8 @@ class TraceCache:
           self._entries.move_to_end(key)
           return hit
     traced = trace(self._fn, param_leaves, params_tree, args, kwargs)
-    if key is not None and not any(map(_compat.is_tracer, traced.jaxpr.consts)):
+    consts = _compat.jaxpr_parts(traced.jaxpr).consts
+    if key is not None and not any(map(_compat.is_tracer, consts)):
       with self._lock:
         self._entries[key] = traced
         while len(self._entries) > self._maxsize:
