@@ -88,8 +88,9 @@ def select_targets(pairs, spec: LoraSpec) -> tuple[list[int], list[int]]:
     wanted = spec.targets if isinstance(spec.targets, str) else (
         ", ".join(spec.targets) if isinstance(spec.targets, (list, tuple)) else "")
     near = difflib.get_close_matches(str(wanted), paths, n=5, cutoff=0.0) if wanted else paths[:5]
+    shown = list(spec.targets) if isinstance(spec.targets, tuple) else spec.targets
     raise LoraSpecError(
-        f"targets {spec.targets!r} match no parameter. Nearest paths: {near}")
+        f"targets {shown!r} match no parameter. Nearest paths: {near}")
   return targets, extras
 
 
