@@ -1,5 +1,7 @@
 """jlora: LoRA fine-tuning for JAX as a function transformation."""
 
+from importlib import metadata as _metadata
+
 from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
                           LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
 from jlora._paths import path_str
@@ -16,7 +18,10 @@ from jlora.layout import Layout
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 
-__version__ = "0.1.0"
+try:
+  __version__ = _metadata.version("jlora")
+except _metadata.PackageNotFoundError:   # a source tree that was never installed
+  __version__ = "0+unknown"
 
 __all__ = [
     "CheckpointManager",
