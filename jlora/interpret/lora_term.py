@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jlora.errors import LoraLayoutError
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib
+from jlora.interpret import factors
 from jlora.interpret import values
 from jlora.layout import Layout
 from jlora.lora_param import LoraParam, lowrank_product
@@ -60,13 +60,8 @@ class LoraTerm(values.AdapterTerm):
 
   def add_flat(self, ctx: Any, y: jax.Array, x: jax.Array, plan: dot_lib.FlatPlan
                ) -> jax.Array:
-    lay, dot = self.layout, plan.dot
-    r = self.a.shape[-1]
-    a = axes_lib.transpose(self.a, [lay.in_axes.index(ax) for ax in plan.k_axes]
-                           + [len(lay.in_axes)])
-    a = axes_lib.reshape(a, (x.shape[1], r))
-    b = axes_lib.transpose(self.b, [0] + [1 + lay.out_axes.index(ax) for ax in plan.n_axes])
-    b = axes_lib.reshape(b, (r, y.shape[1]))
+    dot = plan.dot
+    a, b = factors.flat_factors(self.a, self.b, self.layout, 0, plan.k_axes, plan.n_axes)
     pet = dot.low_rank_type(a.dtype)
     x = ctx.lora_dropout(x, self.dropout)
     xa = dot_lib.matmul(x.astype(a.dtype), a, dot.precision, pet)
@@ -94,101 +89,28 @@ class LoraTerm(values.AdapterTerm):
 
   # -- view ops ----------------------------------------------------------------------
 
-  def _role(self, axis: int) -> str:
-    if axis in self.layout.in_axes:
-      return "in"
-    if axis in self.layout.out_axes:
-      return "out"
-    return "stack"
-
-  def _factor_axes(self, axis: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Where a weight axis lives in A and in B (empty: not there)."""
-    lay = self.layout
-    ns = len(lay.stack_axes)
-    if axis in lay.stack_axes:
-      k = lay.stack_axes.index(axis)
-      return (k,), (k,)
-    if axis in lay.in_axes:
-      return (ns + lay.in_axes.index(axis),), ()
-    return (), (ns + 1 + lay.out_axes.index(axis),)
-
   def transpose(self, perm: Sequence[int]) -> "LoraTerm":
-    new_pos = {old: new for new, old in enumerate(perm)}
-    lay = self.layout
-    return dataclasses.replace(self, layout=Layout(
-        tuple(new_pos[i] for i in lay.in_axes), tuple(new_pos[i] for i in lay.out_axes),
-        tuple(new_pos[i] for i in lay.stack_axes)))
+    return dataclasses.replace(self, layout=factors.transpose(self.layout, perm))
 
   def slice_axes(self, slicer: values.Slicer) -> "LoraTerm":
-    a_map, b_map = {}, {}
-    for axis in range(self.layout.ndim):
-      in_a, in_b = self._factor_axes(axis)
-      for k in in_a:
-        a_map[k] = axis
-      for k in in_b:
-        b_map[k] = axis
-    return dataclasses.replace(self, a=slicer(self.a, a_map), b=slicer(self.b, b_map))
+    a, b = factors.slice_pair(self.a, self.b, self.layout, 0, slicer)
+    return dataclasses.replace(self, a=a, b=b)
 
   def squeeze(self, dims: Sequence[int]) -> "LoraTerm | None":
-    lay = self.layout
-    drop = set(dims)
-    for d in drop:
-      side = lay.in_axes if d in lay.in_axes else lay.out_axes if d in lay.out_axes else ()
-      if len(side) == 1:   # the factor would lose its only axis on that side
-        return None
-    a_drop = sorted(k for d in drop for k in self._factor_axes(d)[0])
-    b_drop = sorted(k for d in drop for k in self._factor_axes(d)[1])
-    renum = {old: old - sum(1 for d in drop if d < old) for old in range(lay.ndim)}
-    keep = lambda axes: tuple(renum[a] for a in axes if a not in drop)  # noqa: E731
-    return dataclasses.replace(
-        self, a=lax.squeeze(self.a, tuple(a_drop)), b=lax.squeeze(self.b, tuple(b_drop)),
-        layout=Layout(keep(lay.in_axes), keep(lay.out_axes), keep(lay.stack_axes)))
+    out = factors.squeeze_pair(self.a, self.b, self.layout, 0, dims)
+    return None if out is None else dataclasses.replace(self, a=out[0], b=out[1], layout=out[2])
 
   def reshape(self, shape: Sequence[int], groups: axes_lib.ReshapeGroups,
               old_shape: Sequence[int]) -> "LoraTerm | None":
-    """Lazy when every merged or split group of axes stays inside one factor
-    and keeps that factor's axis order; None otherwise."""
-    group_of = {}
-    for gi, (old, _) in enumerate(groups):
-      if len({self._role(ax) for ax in old}) != 1:
-        return None
-      for ax in old:
-        group_of[ax] = gi
-
-    def regroup(axes: tuple[int, ...]) -> tuple[int, ...] | None:
-      out, k = [], 0
-      while k < len(axes):
-        old, new = groups[group_of[axes[k]]]
-        if tuple(axes[k:k + len(old)]) != tuple(old):
-          return None   # the group's axes are not consecutive in the factor
-        out.extend(new)
-        k += len(old)
-      return tuple(out)
-
-    lay = self.layout
-    new_in, new_out, new_stack = (regroup(lay.in_axes), regroup(lay.out_axes),
-                                  regroup(lay.stack_axes))
-    if new_in is None or new_out is None or new_stack is None or not new_in or not new_out:
-      return None
-    layout = Layout(new_in, new_out, new_stack)
-    r = self.a.shape[-1]
-    return dataclasses.replace(
-        self, a=axes_lib.reshape(self.a, layout.a_shape(shape, r)),
-        b=axes_lib.reshape(self.b, layout.b_shape(shape, r)), layout=layout)
+    out = factors.reshape_pair(self.a, self.b, self.layout, 0, shape, groups)
+    return None if out is None else dataclasses.replace(self, a=out[0], b=out[1], layout=out[2])
 
   def scan_over_axis0(self) -> "LoraTerm | None":
-    lay = self.layout
-    if not lay.stack_axes or lay.stack_axes[0] != 0:
-      return None
-    dec = lambda axes: tuple(a - 1 for a in axes)  # noqa: E731
-    return dataclasses.replace(self, layout=Layout(dec(lay.in_axes), dec(lay.out_axes),
-                                                   dec(lay.stack_axes[1:])))
+    layout = factors.unstack_layout(self.layout)
+    return None if layout is None else dataclasses.replace(self, layout=layout)
 
   def stacked_on_axis0(self) -> "LoraTerm":
-    lay = self.layout
-    inc = lambda axes: tuple(a + 1 for a in axes)  # noqa: E731
-    return dataclasses.replace(self, layout=Layout(inc(lay.in_axes), inc(lay.out_axes),
-                                                   (0,) + inc(lay.stack_axes)))
+    return dataclasses.replace(self, layout=factors.stack_layout(self.layout))
 
 
 values.register_term(LoraParam, LoraTerm.of)

@@ -1,0 +1,144 @@
+"""Where each weight axis lives in a pair of LoRA factors, through view ops.
+
+A pair laid out by ``layout`` has the shapes::
+
+  a: (*stack, *inner, *in, r)      b: (*stack, *inner, r, *out)
+
+``inner`` axes belong to the factors only (a bank's adapter axis); a weight
+axis is an input axis (it lives in A), an output axis (in B) or a stack axis
+(leading in both: one pair per slice). The functions here move axes between
+the factors as a view op moves them in the weight, so terms built on a pair
+(``LoraTerm``, ``BankTerm``) follow casts, transposes, reshapes, slices and
+scans without forming the weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from jax import lax
+
+from jlora.interpret import axes as axes_lib
+from jlora.layout import Layout
+
+
+def role(layout: Layout, axis: int) -> str:
+  if axis in layout.in_axes:
+    return "in"
+  if axis in layout.out_axes:
+    return "out"
+  return "stack"
+
+
+def factor_axes(layout: Layout, axis: int, inner: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Where a weight axis lives in A and in B (empty: not there)."""
+  ns = len(layout.stack_axes)
+  if axis in layout.stack_axes:
+    k = layout.stack_axes.index(axis)
+    return (k,), (k,)
+  if axis in layout.in_axes:
+    return (ns + inner + layout.in_axes.index(axis),), ()
+  return (), (ns + inner + 1 + layout.out_axes.index(axis),)
+
+
+def transpose(layout: Layout, perm: Sequence[int]) -> Layout:
+  """The layout after the weight's axes are permuted (the factors stay)."""
+  new_pos = {old: new for new, old in enumerate(perm)}
+  return Layout(tuple(new_pos[i] for i in layout.in_axes),
+                tuple(new_pos[i] for i in layout.out_axes),
+                tuple(new_pos[i] for i in layout.stack_axes))
+
+
+def slice_pair(a: Any, b: Any, layout: Layout, inner: int, slicer) -> tuple[Any, Any]:
+  """Applies ``slicer(array, {array axis: weight axis})`` to both factors."""
+  a_map, b_map = {}, {}
+  for axis in range(layout.ndim):
+    in_a, in_b = factor_axes(layout, axis, inner)
+    for k in in_a:
+      a_map[k] = axis
+    for k in in_b:
+      b_map[k] = axis
+  return slicer(a, a_map), slicer(b, b_map)
+
+
+def squeeze_pair(a: Any, b: Any, layout: Layout, inner: int, dims: Sequence[int]):
+  """``(a, b, layout)`` without the unit weight axes ``dims``; None when a
+  factor would lose its only input or output axis."""
+  drop = set(dims)
+  for d in drop:
+    side = layout.in_axes if d in layout.in_axes else (
+        layout.out_axes if d in layout.out_axes else ())
+    if len(side) == 1:
+      return None
+  a_drop = sorted(k for d in drop for k in factor_axes(layout, d, inner)[0])
+  b_drop = sorted(k for d in drop for k in factor_axes(layout, d, inner)[1])
+  renum = {old: old - sum(1 for d in drop if d < old) for old in range(layout.ndim)}
+  keep = lambda axes: tuple(renum[x] for x in axes if x not in drop)  # noqa: E731
+  return (lax.squeeze(a, tuple(a_drop)), lax.squeeze(b, tuple(b_drop)),
+          Layout(keep(layout.in_axes), keep(layout.out_axes), keep(layout.stack_axes)))
+
+
+def reshape_pair(a: Any, b: Any, layout: Layout, inner: int, shape: Sequence[int],
+                 groups: axes_lib.ReshapeGroups):
+  """``(a, b, layout)`` for the weight reshaped to ``shape``. Lazy when every
+  merged or split group of axes stays inside one factor and keeps that
+  factor's axis order; None otherwise."""
+  group_of = {}
+  for gi, (old, _) in enumerate(groups):
+    if len({role(layout, ax) for ax in old}) != 1:
+      return None
+    for ax in old:
+      group_of[ax] = gi
+
+  def regroup(axes: tuple[int, ...]) -> tuple[int, ...] | None:
+    out, k = [], 0
+    while k < len(axes):
+      old, new = groups[group_of[axes[k]]]
+      if tuple(axes[k:k + len(old)]) != tuple(old):
+        return None   # the group's axes are not consecutive in the factor
+      out.extend(new)
+      k += len(old)
+    return tuple(out)
+
+  new_in, new_out, new_stack = (regroup(layout.in_axes), regroup(layout.out_axes),
+                                regroup(layout.stack_axes))
+  if new_in is None or new_out is None or new_stack is None or not new_in or not new_out:
+    return None
+  new = Layout(new_in, new_out, new_stack)
+  ns, r = len(layout.stack_axes), a.shape[-1]
+  inner_shape = tuple(a.shape[ns:ns + inner])
+  stack = tuple(shape[i] for i in new.stack_axes)
+  a_shape = stack + inner_shape + tuple(shape[i] for i in new.in_axes) + (r,)
+  b_shape = stack + inner_shape + (r,) + tuple(shape[i] for i in new.out_axes)
+  return axes_lib.reshape(a, a_shape), axes_lib.reshape(b, b_shape), new
+
+
+def unstack_layout(layout: Layout) -> Layout | None:
+  """The layout of one slice along weight axis 0; None unless axis 0 is the
+  first stack axis (so it leads both factors)."""
+  if not layout.stack_axes or layout.stack_axes[0] != 0:
+    return None
+  dec = lambda axes: tuple(x - 1 for x in axes)  # noqa: E731
+  return Layout(dec(layout.in_axes), dec(layout.out_axes), dec(layout.stack_axes[1:]))
+
+
+def stack_layout(layout: Layout) -> Layout:
+  """The layout of slices stacked along a new weight axis 0."""
+  inc = lambda axes: tuple(x + 1 for x in axes)  # noqa: E731
+  return Layout(inc(layout.in_axes), inc(layout.out_axes), (0,) + inc(layout.stack_axes))
+
+
+def flat_factors(a: Any, b: Any, layout: Layout, inner: int, k_axes: Sequence[int],
+                 n_axes: Sequence[int]) -> tuple[Any, Any]:
+  """The factors of a weight without stack axes as ``(*inner, K, r)`` and
+  ``(*inner, r, N)``, K's axes in ``k_axes`` order and N's in ``n_axes``."""
+  lead = list(range(inner))
+  r = a.shape[-1]
+  inner_shape = tuple(a.shape[:inner])
+  a = axes_lib.transpose(a, lead + [inner + layout.in_axes.index(x) for x in k_axes]
+                         + [inner + len(layout.in_axes)])
+  a = axes_lib.reshape(a, inner_shape + (-1, r))
+  b = axes_lib.transpose(b, lead + [inner] + [inner + 1 + layout.out_axes.index(x)
+                                              for x in n_axes])
+  b = axes_lib.reshape(b, inner_shape + (r, -1))
+  return a, b
