@@ -8,6 +8,7 @@ from jlora._paths import path_str
 from jlora.base_files import load_params, save_params
 from jlora.checkpoint import (CheckpointManager, adapter_metadata,
                               load_adapter, save_adapter)
+from jlora.bank import LoraBank, select_adapter, stack_adapters
 from jlora.interpret import infer_layouts, lora
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.lora_param import LoraParam
@@ -26,6 +27,7 @@ except _metadata.PackageNotFoundError:   # a source tree that was never installe
 __all__ = [
     "CheckpointManager",
     "Layout",
+    "LoraBank",
     "LoraCheckpointError",
     "LoraError",
     "LoraFileError",
@@ -53,6 +55,8 @@ __all__ = [
     "save_adapter",
     "save_params",
     "save_peft",
+    "select_adapter",
+    "stack_adapters",
     "summary",
     "unmerge",
 ]

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.adapter import Adapter
 from jlora.layout import Layout
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraParam:
+class LoraParam(Adapter):
   """The low-rank pair that adapts one frozen weight W0.
 
   A pytree node whose leaves are ``a`` and ``b`` (what optax trains); the
@@ -41,6 +42,13 @@ class LoraParam:
   @property
   def rank(self) -> int:
     return self.a.shape[-1]
+
+  def factor_shapes(self, weight_shape) -> tuple[tuple[int, ...], ...]:
+    r = self.rank
+    return self.layout.a_shape(weight_shape, r), self.layout.b_shape(weight_shape, r)
+
+  def array_shapes(self) -> tuple[tuple[int, ...], ...]:
+    return tuple(self.a.shape), tuple(self.b.shape)
 
   def delta(self, dtype: Any = jnp.float32) -> jax.Array:
     """Returns ``scale * B A`` in the frozen weight's axis order."""

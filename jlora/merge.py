@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from jlora import _compat
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraError, LoraTreeError
+from jlora.adapter import is_adapter
+from jlora.bank import LoraBank, select_adapter
 from jlora.lora_param import LoraParam
 from jlora.transform import split_trees
 
@@ -42,7 +44,21 @@ def _combine(frozen: Any, trainable: Any, sign: float, check_finite: bool) -> An
   return treedef.unflatten(out)
 
 
-def merge(frozen: Any, trainable: Any, *, check_finite: bool = False) -> Any:
+def _one_adapter(trainable: Any, adapter: str | None) -> Any:
+  """``trainable``, or for a bank tree the adapter named ``adapter``."""
+  banks = [path for path, leaf in flatten_with_paths(trainable, is_leaf=is_adapter)[0]
+           if isinstance(leaf, LoraBank)]
+  if banks and adapter is None:
+    raise LoraTreeError(f"'{banks[0]}' holds a bank of adapters; name the one to merge "
+                        f"with adapter=... (jlora.select_adapter)")
+  if adapter is not None and not banks:
+    raise LoraTreeError(f"adapter={adapter!r} selects from a bank of adapters, but the "
+                        f"trainable tree holds none")
+  return select_adapter(trainable, adapter) if banks else trainable
+
+
+def merge(frozen: Any, trainable: Any, *, adapter: str | None = None,
+          check_finite: bool = False) -> Any:
   """Returns the base parameters with ``W0 + s B A`` at every adapted weight.
 
   The sum is accumulated in float32 (or wider) and cast back to W0's dtype;
@@ -51,7 +67,9 @@ def merge(frozen: Any, trainable: Any, *, check_finite: bool = False) -> Any:
 
   Args:
     frozen: the frozen part from ``lora_transform``.
-    trainable: the (trained) trainable part.
+    trainable: the (trained) trainable part, or a bank tree
+      (``jlora.stack_adapters``) with ``adapter`` naming the one to merge.
+    adapter: with a bank, the adapter to merge.
     check_finite: raise ``LoraError`` naming the first parameter with a NaN
       or infinity (needs concrete arrays, not tracers).
 
@@ -63,21 +81,23 @@ def merge(frozen: Any, trainable: Any, *, check_finite: bool = False) -> Any:
     >>> bool(jnp.allclose(jlora.merge(frozen, trainable)["w"], params["w"]))
     True
   """
-  return _combine(frozen, trainable, 1.0, check_finite)
+  return _combine(frozen, _one_adapter(trainable, adapter), 1.0, check_finite)
 
 
-def unmerge(merged: Any, trainable: Any) -> Any:
+def unmerge(merged: Any, trainable: Any, *, adapter: str | None = None) -> Any:
   """Inverts ``merge``: returns ``frozen`` with ``W0 = W - s B A``.
 
   ``merged`` must have None at the extra trainable leaves (as ``frozen``
   has); use ``jlora.frozen_like(params, trainable)`` to drop them from a full
-  parameter tree first.
+  parameter tree first. With a bank, ``adapter`` names the merged adapter;
+  unmerge it and merge another to swap adapters in a merged model.
   """
+  trainable = _one_adapter(trainable, adapter)
   m_pairs, m_def = flatten_with_paths(merged)
-  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, LoraParam))
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=is_adapter)
   if m_def == t_def:   # (split_trees reports other mismatches)
     for (path, m), (_, t) in zip(m_pairs, t_pairs):
-      if m is not None and t is not None and not isinstance(t, LoraParam):
+      if m is not None and t is not None and not is_adapter(t):
         raise LoraTreeError(
             f"unmerge: '{path}' is trained in full, so the frozen tree holds None there, "
             f"but `merged` has it; pass jlora.frozen_like(merged, trainable) to drop the "
@@ -87,7 +107,7 @@ def unmerge(merged: Any, trainable: Any) -> Any:
 
 def frozen_like(params: Any, trainable: Any) -> Any:
   """``params`` with None wherever ``trainable`` holds a plain (extra) leaf."""
-  is_leaf = lambda x: x is None or isinstance(x, LoraParam)
+  is_leaf = lambda x: x is None or is_adapter(x)  # noqa: E731
   return jax.tree_util.tree_map(
-      lambda t, p: None if (t is not None and not isinstance(t, LoraParam)) else p,
+      lambda t, p: None if (t is not None and not is_adapter(t)) else p,
       trainable, params, is_leaf=is_leaf)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jlora.errors import LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.lora_param import LoraParam
+from jlora.adapter import is_adapter
+from jlora.bank import LoraBank
 
 
 def optimizer(tx: optax.GradientTransformation, trainable: Any
@@ -22,6 +24,13 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
   passing the frozen part, the full parameters or gradients of another tree
   raises ``LoraTreeError`` naming the first mismatching path instead of
   silently allocating optimizer state for W0.
+
+  For a bank of adapters (``jlora.stack_adapters``), the state is kept per
+  adapter: ``tx`` runs once per adapter (vmapped over the adapter axis), so
+  each adapter is clipped, scheduled and counted as if trained alone. Pass
+  the step's ``lora_adapter_ids`` to ``update`` and an adapter with no
+  example in the batch takes no step at all (zero update, state unchanged),
+  as it would in its own training loop.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jlora
@@ -48,7 +57,7 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
               f"lora_transform (or its gradients)")
       return
     got = {path: (tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", None))
-           for path, leaf in flatten_with_paths(tree, is_leaf=lambda x: isinstance(x, LoraParam))[0]
+           for path, leaf in flatten_with_paths(tree, is_leaf=is_adapter)[0]
            if leaf is not None}
     extra = sorted(set(got) - set(expected))
     missing = sorted(set(expected) - set(got))
@@ -61,14 +70,52 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
         f"jlora.optimizer: {what} does not have the structure of the trainable tree "
         f"({hint}); pass the trainable part returned by lora_transform (or its gradients)")
 
+  n_adapters = _bank_size(trainable)
+
   def init(params):
     check(params, "init's argument")
-    return tx.init(params)
+    if n_adapters is None:
+      return tx.init(params)
+    return jax.vmap(tx.init)(params)
 
-  def update(updates, state, params=None, **extra_args):
+  def update(updates, state, params=None, *, lora_adapter_ids=None, **extra_args):
     check(updates, "the updates")
-    if extra_args:
+    if n_adapters is None:
+      if lora_adapter_ids is not None:
+        raise LoraTreeError("lora_adapter_ids goes with a bank of adapters; this optimizer "
+                            "was made for a trainable tree without one")
       return tx.update(updates, state, params, **extra_args)
-    return tx.update(updates, state, params)
+    step = lambda u, s, p: tx.update(u, s, p, **extra_args)  # noqa: E731
+    new_updates, new_state = jax.vmap(step, in_axes=(0, 0, None if params is None else 0))(
+        updates, state, params)
+    if lora_adapter_ids is None:
+      return new_updates, new_state
+    ids = jnp.asarray(lora_adapter_ids).reshape(-1)
+    active = jnp.any(ids[:, None] == jnp.arange(n_adapters)[None, :], axis=0)
+
+    def gate(new, old):
+      keep = active.reshape((n_adapters,) + (1,) * (jnp.ndim(new) - 1))
+      return jnp.where(keep, new, old)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, new_updates)
+    return (jax.tree_util.tree_map(gate, new_updates, zeros),
+            jax.tree_util.tree_map(gate, new_state, state))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _bank_size(trainable: Any) -> int | None:
+  """The number of adapters of a bank tree; None for a tree without banks."""
+  pairs = flatten_with_paths(trainable, is_leaf=is_adapter)[0]
+  banks = [(path, leaf) for path, leaf in pairs if isinstance(leaf, LoraBank)]
+  if not banks:
+    return None
+  for path, leaf in pairs:
+    if leaf is not None and not isinstance(leaf, LoraBank):
+      raise LoraTreeError(f"jlora.optimizer: '{path}' is not a LoraBank, but other weights "
+                          f"hold banks; a tree is either one adapter or a bank of them")
+  sizes = {leaf.size for _, leaf in banks}
+  if len(sizes) != 1:
+    raise LoraTreeError(f"jlora.optimizer: the banks hold different numbers of adapters "
+                        f"{sorted(sizes)}")
+  return sizes.pop()

@@ -27,14 +27,11 @@ import numpy as np
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
+from jlora.adapter import Adapter, is_adapter
 from jlora.lora_param import LoraParam
 from jlora.sharding import factor_shardings, leaf_sharding
 from jlora.layout import Layout
 from jlora.spec import LoraSpec
-
-
-def _is_lora_param(x: Any) -> bool:
-  return isinstance(x, LoraParam)
 
 
 def _is_abstract(x: Any) -> bool:
@@ -196,7 +193,7 @@ def split_trees(frozen: Any, trainable: Any):
   treedef has None leaves and LoraParam leaves kept whole.
   """
   f_pairs, f_def = flatten_with_paths(frozen)
-  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=_is_lora_param)
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=is_adapter)
   if f_def != t_def:
     f_paths = {p for p, _ in f_pairs}
     t_paths = {p for p, _ in t_pairs}
@@ -210,26 +207,26 @@ def split_trees(frozen: Any, trainable: Any):
   f_leaves = [leaf for _, leaf in f_pairs]
   t_leaves = [leaf for _, leaf in t_pairs]
   for path, f, t in zip(paths, f_leaves, t_leaves):
-    if f is not None and t is not None and not _is_lora_param(t):
+    if f is not None and t is not None and not is_adapter(t):
       raise LoraTreeError(f"'{path}' is a leaf of both frozen and trainable")
-    if f is None and _is_lora_param(t):
+    if f is None and is_adapter(t):
       raise LoraTreeError(f"'{path}' has LoRA factors in trainable but no W0 in frozen")
-    if _is_lora_param(t):
+    if is_adapter(t):
       check_factors(path, f, t)
   return paths, f_leaves, t_leaves, f_def
 
 
-def check_factors(path: str, w0: Any, lp: LoraParam) -> None:
+def check_factors(path: str, w0: Any, adapter: Adapter) -> None:
+  """Raises LoraTreeError unless the adapter's arrays fit W0."""
   shape = tuple(w0.shape)
-  if len(shape) != lp.layout.ndim:
+  if len(shape) != adapter.layout.ndim:
     raise LoraTreeError(f"'{path}': W0 has shape {shape} but the factors' layout "
-                        f"{lp.layout} is for a {lp.layout.ndim}-D weight")
-  r = lp.a.shape[-1]
-  want_a, want_b = lp.layout.a_shape(shape, r), lp.layout.b_shape(shape, r)
-  if tuple(lp.a.shape) != want_a or tuple(lp.b.shape) != want_b:
-    raise LoraTreeError(
-        f"'{path}': factors A{tuple(lp.a.shape)} and B{tuple(lp.b.shape)} do not fit "
-        f"W0{shape}; expected A{want_a} and B{want_b}")
+                        f"{adapter.layout} is for a {adapter.layout.ndim}-D weight")
+  want, got = adapter.factor_shapes(shape), adapter.array_shapes()
+  if want != got:
+    show = lambda shapes: " and ".join(f"{n}{s}" for n, s in zip("AB", shapes))  # noqa: E731
+    raise LoraTreeError(f"'{path}': factors {show(got)} do not fit W0{shape}; expected "
+                        f"{show(want)}")
 
 
 def assemble(frozen: Any, trainable: Any):
@@ -237,7 +234,7 @@ def assemble(frozen: Any, trainable: Any):
   paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
   leaves, adapters = [], {}
   for i, (path, f, t) in enumerate(zip(paths, f_leaves, t_leaves)):
-    if _is_lora_param(t):
+    if is_adapter(t):
       adapters[i] = (path, t)
       leaves.append(f)
     else:

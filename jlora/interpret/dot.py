@@ -35,6 +35,7 @@ class Dot:
     w_contract, x_contract: paired contracted axes of W and x.
     w_batch, x_batch: paired batch axes.
     w_ndim, x_ndim: the operands' ranks.
+    x_shape: the other operand's shape.
     precision, preferred_element_type: as the model's equation gives them;
       every dot emitted for it (base and low-rank) keeps them.
     out_dtype: the dtype of the equation's result.
@@ -47,21 +48,23 @@ class Dot:
   x_batch: tuple[int, ...]
   w_ndim: int
   x_ndim: int
+  x_shape: tuple[int, ...]
   precision: Any
   preferred_element_type: Any
   out_dtype: Any
 
   @classmethod
-  def of(cls, params: dict[str, Any], lhs_ndim: int, rhs_ndim: int, w_is_rhs: bool,
-         out_dtype: Any) -> "Dot":
+  def of(cls, params: dict[str, Any], lhs_shape: Sequence[int], rhs_shape: Sequence[int],
+         w_is_rhs: bool, out_dtype: Any) -> "Dot":
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     lc, rc, lb, rb = map(tuple, (lc, rc, lb, rb))
     if w_is_rhs:
-      wc, xc, wb, xb, wn, xn = rc, lc, rb, lb, rhs_ndim, lhs_ndim
+      wc, xc, wb, xb, w_shape, x_shape = rc, lc, rb, lb, rhs_shape, lhs_shape
     else:
-      wc, xc, wb, xb, wn, xn = lc, rc, lb, rb, lhs_ndim, rhs_ndim
-    return cls(w_is_rhs, wc, xc, wb, xb, wn, xn, params.get("precision"),
-               params.get("preferred_element_type"), jnp.dtype(out_dtype))
+      wc, xc, wb, xb, w_shape, x_shape = lc, rc, lb, rb, lhs_shape, rhs_shape
+    return cls(w_is_rhs, wc, xc, wb, xb, len(w_shape), len(x_shape), tuple(x_shape),
+               params.get("precision"), params.get("preferred_element_type"),
+               jnp.dtype(out_dtype))
 
   @property
   def w_free(self) -> tuple[int, ...]:

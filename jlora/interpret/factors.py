@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 from jax import lax
 
+from jlora.errors import LoraLayoutError
 from jlora.interpret import axes as axes_lib
+from jlora.interpret import dot as dot_lib
 from jlora.layout import Layout
 
 
@@ -39,6 +41,21 @@ def factor_axes(layout: Layout, axis: int, inner: int) -> tuple[tuple[int, ...],
   if axis in layout.in_axes:
     return (ns + inner + layout.in_axes.index(axis),), ()
   return (), (ns + inner + 1 + layout.out_axes.index(axis),)
+
+
+def check_layout(path: str, shape: tuple[int, ...], layout: Layout, dot: dot_lib.Dot) -> None:
+  """Raises LoraLayoutError unless the dot contracts the weight over the
+  layout's input axes, batches it over its stack axes, and keeps its output
+  axes."""
+  if (set(dot.w_contract) != set(layout.in_axes) or set(dot.w_batch) != set(layout.stack_axes)
+      or set(dot.w_free) != set(layout.out_axes)):
+    raise LoraLayoutError(
+        f"'{path}': the model contracts this weight (shape {shape}) over axes "
+        f"{dot.w_contract} with batch axes {dot.w_batch}, but its LoRA factors were "
+        f"laid out for input axes {layout.in_axes}, output axes {layout.out_axes} and stack "
+        f"axes {layout.stack_axes}. Build the adapter with "
+        f"layouts=jlora.infer_layouts(fn, params, ...) or give "
+        f"LoraSpec(layouts={{...}}) for this path.")
 
 
 def transpose(layout: Layout, perm: Sequence[int]) -> Layout:

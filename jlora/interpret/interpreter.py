@@ -30,10 +30,14 @@ class Context:
   Attributes:
     dropout_key: the LoRA-dropout key, or None (no dropout).
     counter: how many dropout masks were drawn, to fold into the key.
+    adapter_ids: each example's adapter in a bank (or one for all), or None.
+    bank_dot: how a bank computes a mixed batch (see ``bank_term``).
   """
 
   dropout_key: jax.Array | None = None
   counter: int = 0
+  adapter_ids: jax.Array | None = None
+  bank_dot: str = "auto"
 
   def next_key(self) -> jax.Array | None:
     if self.dropout_key is None:

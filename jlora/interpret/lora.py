@@ -6,13 +6,17 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from jlora import transform
+from jlora import _compat, transform
+from jlora.bank import LoraBank
+from jlora.errors import LoraSpecError, LoraTreeError
+from jlora.interpret.bank_term import STRATEGIES
 from jlora.interpret import interpreter, tracing
 from jlora.interpret.values import AdaptedValue
 
 
-def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
+def lora(fn: Callable[..., Any], *, bank_dot: str = "auto") -> Callable[..., Any]:
   """Transforms ``fn(params, *args, **kwargs)`` into ``fn(frozen, trainable, ...)``.
 
   The returned function computes what ``fn`` computes with every adapted
@@ -30,11 +34,16 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
   Args:
     fn: a function whose first argument is the parameter pytree, such as a
       Flax Linen ``model.apply``.
+    bank_dot: how a bank of adapters computes a batch that mixes adapters:
+      ``"auto"``, ``"gather"``, ``"segment"`` or ``"masked"`` (see
+      ``jlora.stack_adapters``).
 
   Returns:
-    ``apply(frozen, trainable, *args, lora_dropout_key=None, **kwargs)``.
-    Passing ``lora_dropout_key`` (a PRNG key) turns on the spec's LoRA
-    dropout.
+    ``apply(frozen, trainable, *args, lora_dropout_key=None,
+    lora_adapter_ids=None, **kwargs)``. Passing ``lora_dropout_key`` (a PRNG
+    key) turns on the spec's LoRA dropout. ``lora_adapter_ids`` goes with a
+    bank (``jlora.stack_adapters``): an int array with each example's
+    adapter (-1: the base model alone), or a scalar for the whole batch.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -45,11 +54,14 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     >>> apply(frozen, trainable, jnp.ones((1, 4))).shape
     (1, 3)
   """
+  if bank_dot not in STRATEGIES:
+    raise LoraSpecError(f"bank_dot must be one of {STRATEGIES}, got {bank_dot!r}")
   traces = tracing.TraceCache(fn)
 
   @functools.wraps(fn)
-  def apply(frozen, trainable, *args, lora_dropout_key=None, **kwargs):
+  def apply(frozen, trainable, *args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
     leaves, treedef, adapters = transform.assemble(frozen, trainable)
+    ids = _adapter_ids(lora_adapter_ids, [a for _, a in adapters.values()])
     traced = traces(leaves, treedef, args, kwargs)
     invals = []
     for i in traced.present:
@@ -58,7 +70,7 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
         invals.append(AdaptedValue.of(path, leaves[i], [adapter]))
       else:
         invals.append(leaves[i])
-    ctx = interpreter.Context(dropout_key=lora_dropout_key)
+    ctx = interpreter.Context(dropout_key=lora_dropout_key, adapter_ids=ids, bank_dot=bank_dot)
     outs = interpreter.eval_jaxpr(traced.jaxpr, invals + tracing.dynamic_args(args, kwargs),
                                   ctx)
     outs = interpreter.dense_all(outs, "is returned by the transformed function")
@@ -66,3 +78,24 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   apply.trace_cache = traces   # for tests and debugging: len(apply.trace_cache)
   return apply
+
+
+def _adapter_ids(ids: Any, adapters: list[Any]) -> jax.Array | None:
+  """Checks ``lora_adapter_ids`` against the banks in ``trainable``."""
+  banks = [a for a in adapters if isinstance(a, LoraBank)]
+  if ids is None:
+    return None   # a bank without ids is reported at its first use, with its path
+  if not banks:
+    raise LoraTreeError("lora_adapter_ids is given, but trainable holds no bank of adapters "
+                        "(jlora.stack_adapters)")
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 1:
+    raise LoraTreeError(f"lora_adapter_ids must be an int scalar or an int array with one "
+                        f"entry per example, got {ids.dtype} of shape {ids.shape}")
+  n = banks[0].size
+  if not _compat.is_tracer(ids):
+    bad = [int(i) for i in ids.reshape(-1) if not -1 <= int(i) < n]
+    if bad:
+      raise LoraTreeError(f"lora_adapter_ids holds {bad[0]}, but the bank has {n} adapters "
+                          f"{list(banks[0].names)} (ids 0..{n - 1}, or -1 for the base model)")
+  return ids

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jlora.errors import LoraLayoutError
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib
 from jlora.interpret import factors
@@ -46,17 +45,8 @@ class LoraTerm(values.AdapterTerm):
 
   # -- the dot -------------------------------------------------------------------
 
-  def check_dot(self, path: str, shape: tuple[int, ...], dot: dot_lib.Dot) -> None:
-    lay = self.layout
-    if (set(dot.w_contract) != set(lay.in_axes) or set(dot.w_batch) != set(lay.stack_axes)
-        or set(dot.w_free) != set(lay.out_axes)):
-      raise LoraLayoutError(
-          f"'{path}': the model contracts this weight (shape {shape}) over axes "
-          f"{dot.w_contract} with batch axes {dot.w_batch}, but its LoRA factors were "
-          f"laid out for input axes {lay.in_axes}, output axes {lay.out_axes} and stack "
-          f"axes {lay.stack_axes}. Build the adapter with "
-          f"layouts=jlora.infer_layouts(fn, params, ...) or give "
-          f"LoraSpec(layouts={{...}}) for this path.")
+  def check_dot(self, ctx: Any, path: str, shape: tuple[int, ...], dot: dot_lib.Dot) -> None:
+    factors.check_layout(path, shape, self.layout, dot)
 
   def add_flat(self, ctx: Any, y: jax.Array, x: jax.Array, plan: dot_lib.FlatPlan
                ) -> jax.Array:

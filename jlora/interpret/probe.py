@@ -58,7 +58,7 @@ class ProbeTerm(values.AdapterTerm):
     rec.record(self.path, [axes[i] for i in dot.w_batch], "stack", where)
     rec.record(self.path, [axes[i] for i in dot.w_free], "out", where)
 
-  def check_dot(self, path: str, shape: tuple[int, ...], dot: dot_lib.Dot) -> None:
+  def check_dot(self, ctx: Any, path: str, shape: tuple[int, ...], dot: dot_lib.Dot) -> None:
     self._note(dot, f"a dot_general of its view of shape {shape}")
 
   def note_dense_dot(self, dot: dot_lib.Dot) -> None:

@@ -85,13 +85,13 @@ def _dot_general(ctx, eqn, invals):
   lhs_aval, rhs_aval = _compat.in_avals(eqn)
   out_dtype = _compat.out_avals(eqn)[0].dtype
   params = _compat.eqn_params(eqn)
-  nl, nr = len(lhs_aval.shape), len(rhs_aval.shape)
+  shapes = tuple(lhs_aval.shape), tuple(rhs_aval.shape)
   if is_value(lhs) and is_value(rhs):
-    lhs.note_dense_dot(Dot.of(params, nl, nr, False, out_dtype))
+    lhs.note_dense_dot(Dot.of(params, *shapes, False, out_dtype))
     lhs = interpreter.dense(lhs, "is multiplied with another adapted weight")
   w_is_rhs = is_value(rhs)
   w, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
-  return w.dot_general(ctx, x, Dot.of(params, nl, nr, w_is_rhs, out_dtype))
+  return w.dot_general(ctx, x, Dot.of(params, *shapes, w_is_rhs, out_dtype))
 
 
 # -- casts and elementwise ops on the frozen weight ---------------------------------

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jlora.errors import LoraError
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib
 
@@ -114,8 +115,8 @@ class AdapterTerm(abc.ABC):
   warns: bool = True
 
   @abc.abstractmethod
-  def check_dot(self, path: str, shape: tuple[int, ...], dot: dot_lib.Dot) -> None:
-    """Raises LoraLayoutError when the term's axes do not fit this use."""
+  def check_dot(self, ctx: Any, path: str, shape: tuple[int, ...], dot: dot_lib.Dot) -> None:
+    """Raises a LoraError naming ``path`` when the term cannot serve this use."""
 
   def note_dense_dot(self, dot: dot_lib.Dot) -> None:
     """Told when the weight is contracted as a dense operand (a product of
@@ -230,7 +231,10 @@ class AdaptedValue:
     acc = jnp.promote_types(jnp.float32, self.dtype)
     w = self.base.materialize().astype(acc)
     for term in self.terms:
-      w = term.merge_into(w)
+      try:
+        w = term.merge_into(w)
+      except LoraError as e:
+        raise type(e)(f"'{self.path}': {e}") from None
     return w.astype(self.dtype)
 
   # -- lazy view ops -------------------------------------------------------------
@@ -299,7 +303,7 @@ class AdaptedValue:
   def dot_general(self, ctx: Any, x: jax.Array, dot: dot_lib.Dot) -> jax.Array:
     """The model's ``dot_general`` of W with ``x``, with W never formed."""
     for term in self.terms:
-      term.check_dot(self.path, self.shape, dot)
+      term.check_dot(ctx, self.path, self.shape, dot)
     if not dot.w_batch:
       y = self._dot_flat(ctx, x, dot)
     else:
