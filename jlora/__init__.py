@@ -9,6 +9,7 @@ from jlora.base_files import load_params, save_params
 from jlora.checkpoint import (CheckpointManager, adapter_metadata,
                               load_adapter, save_adapter)
 from jlora.bank import LoraBank, select_adapter, stack_adapters
+from jlora.combine import Combination, combine
 from jlora.interpret import infer_layouts, lora
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.lora_param import LoraParam
@@ -26,6 +27,7 @@ except _metadata.PackageNotFoundError:   # a source tree that was never installe
 
 __all__ = [
     "CheckpointManager",
+    "Combination",
     "Layout",
     "LoraBank",
     "LoraCheckpointError",
@@ -42,6 +44,7 @@ __all__ = [
     "PeftAdapter",
     "PeftRules",
     "adapter_metadata",
+    "combine",
     "frozen_like",
     "infer_layouts",
     "load_adapter",

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import _compat, transform
 from jlora.bank import LoraBank
@@ -94,7 +95,7 @@ def _adapter_ids(ids: Any, adapters: list[Any]) -> jax.Array | None:
                         f"entry per example, got {ids.dtype} of shape {ids.shape}")
   n = banks[0].size
   if not _compat.is_tracer(ids):
-    bad = [int(i) for i in ids.reshape(-1) if not -1 <= int(i) < n]
+    bad = [int(i) for i in np.asarray(ids).reshape(-1) if not -1 <= int(i) < n]
     if bad:
       raise LoraTreeError(f"lora_adapter_ids holds {bad[0]}, but the bank has {n} adapters "
                           f"{list(banks[0].names)} (ids 0..{n - 1}, or -1 for the base model)")
