@@ -31,3 +31,15 @@ def test_peers_quick_jlora(tmp_path):
   assert row["lib"] == "jlora" and row["status"] == "ok", row
   assert row["dense_w0_grad"] is False
   assert row["loss_final"] < row["loss_step0"]
+
+
+def test_bench_bank_quick(tmp_path):
+  out = tmp_path / "bank.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH, "bench_bank.py"), "--quick", "--rounds", "1",
+       "--json", str(out)], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  # The script asserts each strategy's rows equal their adapters' merged models.
+  assert {r["adapters"] for r in rows} == {4, 16, "decode"}
+  assert all(r[f"{h}_ratio"] > 0 for r in rows for h in ("gather", "segment", "masked"))

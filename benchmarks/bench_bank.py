@@ -1,0 +1,243 @@
+"""Mixed-adapter batches: a bank of adapters against one adapter, side by side.
+
+One process, one model (the decoder-only LM of models.py: d_model 512, 4
+layers, LoRA on q, k, v, o, up, down, 2048 tokens a batch). For 4 and for 16
+adapters (ranks 8 to 16, each example its own adapter, the batch split over
+all of them), each of the bank's three ways to compute a mixed batch
+(``gather``, ``segment``, ``masked``) is timed against the same batch through
+one adapter of rank 16: the forward and the AdamW train step. Rounds
+alternate between all variants, so drift in machine load hits all alike;
+medians are reported. A decode-shaped forward (one token per example)
+shows where each way wins when examples are short.
+
+``--peft`` also times PEFT's own mixed-batch inference
+(``model(x, adapter_names=[...])``, which loops over sub-batches) against
+its single-adapter forward on the same model, in PyTorch (run after the JAX
+rounds, in the same process, with as many threads as cores).
+
+    python benchmarks/bench_bank.py [--quick] [--rounds 10] [--peft] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jlora  # noqa: E402
+import models  # noqa: E402
+
+TARGETS = r".*/(q|k|v|o|up|down)/kernel"
+STRATEGIES = ("gather", "segment", "masked")
+
+
+def _xent(logits, targets):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def _adapters(params, n, key=0):
+  """n trainable trees, ranks cycling through 8..16, B made non-zero."""
+  out = {}
+  for k in range(n):
+    rank = (8, 12, 16, 10)[k % 4]
+    spec = jlora.LoraSpec(rank=rank, alpha=2.0 * rank, targets=TARGETS)
+    frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(key + k))
+    out[f"adapter{k}"] = jax.tree_util.tree_map(lambda x: x + 1e-3, t)
+  return frozen, out
+
+
+def _timed(fn, *args):
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, label,
+                 with_steps=True):
+  """Adds the variants of one mixed batch (bound to this batch's arrays)."""
+  bank = jlora.stack_adapters(trees)
+  extra = {"lora_adapter_ids": ids}
+
+  def fwd(apply, t, **kw):
+    return apply(frozen, t, tokens, **kw)
+
+  def step(apply, tx, t, state, **kw):
+    loss, g = jax.value_and_grad(lambda t: _xent(apply(frozen, t, tokens, **kw), targets))(t)
+    updates, state = tx.update(g, state, t, **kw)
+    return optax.apply_updates(t, updates), state, loss
+
+  apply1 = jlora.lora(model.apply)
+  tx1 = jlora.optimizer(optax.adamw(1e-4), single)
+  txb = jlora.optimizer(optax.adamw(1e-4), bank)
+  variants[(label, "single", "forward")] = (jax.jit(lambda t: fwd(apply1, t)), (single,))
+  if with_steps:
+    variants[(label, "single", "step")] = (
+        jax.jit(lambda t, s: step(apply1, tx1, t, s)), (single, tx1.init(single)))
+  for how in STRATEGIES:
+    applyb = jlora.lora(model.apply, bank_dot=how)
+    f = jax.jit(lambda t, applyb=applyb: fwd(applyb, t, **extra))
+    # Correctness first: an example equals its own adapter's merged model.
+    got = f(bank)
+    for e in (0, tokens.shape[0] - 1):
+      merged = jlora.merge(frozen, bank, adapter=f"adapter{int(ids[e])}")
+      err = float(jnp.max(jnp.abs(got[e:e + 1] - model.apply(merged, tokens[e:e + 1]))))
+      assert err < 1e-3, (label, how, e, err)
+    variants[(label, how, "forward")] = (f, (bank,))
+    if with_steps:
+      variants[(label, how, "step")] = (
+          jax.jit(lambda t, s, applyb=applyb: step(applyb, txb, t, s, **extra)),
+          (bank, txb.init(bank)))
+
+
+def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int) -> dict:
+  model = models.LinenLM(cfg)
+  params = jax.tree.map(jnp.asarray, {"params": models.to_linen(models.init_params(cfg))})
+  spec = jlora.LoraSpec(rank=16, alpha=32, targets=TARGETS)
+  frozen, single = jlora.lora_transform(params, spec, key=jax.random.key(0))
+  single = jax.tree_util.tree_map(lambda x: x + 1e-3, single)
+  results, variants = {}, {}
+  platform_name = jax.default_backend()
+  for n in n_adapters:
+    batch = max(cfg.batch, n)
+    seq = cfg.batch * cfg.seq_len // batch
+    data = models.make_batches(dataclasses.replace(cfg, batch=batch, seq_len=seq), 1)
+    tokens, targets = (jnp.asarray(a[0]) for a in data)
+    ids = jnp.arange(batch, dtype=jnp.int32) % n
+    _mixed_batch(model, frozen, single, _adapters(params, n)[1], tokens, targets, ids,
+                 variants, n)
+    results[n] = {"batch": batch, "seq": seq, "auto": jlora.interpret.bank_term.choose(
+        "auto", examples=batch, rows=batch * seq, adapters=n, rank=16, platform=platform_name)}
+  # Decode-shaped: one token per example, 64 examples over 16 adapters.
+  n, batch = 16, 64
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (batch, 1)), jnp.int32)
+  ids = jnp.arange(batch, dtype=jnp.int32) % n
+  _mixed_batch(model, frozen, single, _adapters(params, n)[1], tokens, None, ids, variants,
+               "decode", with_steps=False)
+  results["decode"] = {"batch": batch, "seq": 1, "auto": jlora.interpret.bank_term.choose(
+      "auto", examples=batch, rows=batch, adapters=n, rank=16, platform=platform_name)}
+
+  times = {k: [] for k in variants}
+  for k, (f, args) in variants.items():   # compile and warm up
+    _timed(f, *args)
+    _timed(f, *args)
+  for _ in range(rounds):
+    for k, (f, args) in variants.items():
+      times[k].append(_timed(f, *args))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  table = []
+  for n in list(n_adapters) + ["decode"]:
+    for what in ("forward", "step"):
+      base = med.get((n, "single", what))
+      if base is None:
+        continue
+      row = {"adapters": n, "what": what, "single_ms": base * 1e3,
+             "auto": results[n]["auto"], **{k: results[n][k] for k in ("batch", "seq")}}
+      for how in STRATEGIES:
+        row[f"{how}_ms"] = med[(n, how, what)] * 1e3
+        row[f"{how}_ratio"] = med[(n, how, what)] / base
+      table.append(row)
+  return {"machine": _machine(), "jax": jax.__version__, "backend": jax.default_backend(),
+          "rounds": rounds, "rows": table}
+
+
+def _machine() -> str:
+  flags = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.processor())
+    have = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                     if line.startswith("flags")), []))
+    flags = " ".join(x for x in ("avx2", "fma", "avx512f", "amx_tile") if x in have)
+  except OSError:
+    model = platform.processor()
+  return f"{model} ({flags}), {os.cpu_count()} cores"
+
+
+def run_peft(cfg: models.ModelConfig, n: int, rounds: int) -> dict:
+  """PEFT's mixed-batch inference (adapter_names=) against its single adapter."""
+  import peft
+  import torch
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.manual_seed(0)
+  base = models.TorchLM(cfg)
+  models.load_torch(base, models.init_params(cfg))
+  model = None
+  for k in range(n):
+    rank = (8, 12, 16, 10)[k % 4]
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(models.PROJ_NAMES),
+                             init_lora_weights=False)
+    if model is None:
+      model = peft.get_peft_model(base, config, adapter_name=f"adapter{k}")
+    else:
+      model.add_adapter(f"adapter{k}", config)
+  model.eval()
+  batch = max(cfg.batch, n)
+  seq = cfg.batch * cfg.seq_len // batch
+  x = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab, (batch, seq)))
+  names = [f"adapter{i % n}" for i in range(batch)]
+  model.set_adapter("adapter2")
+  times = {"single": [], "mixed": []}
+  with torch.no_grad():
+    for f in (lambda: model(x), lambda: model(x, adapter_names=names)):
+      f()
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      model(x)
+      times["single"].append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      model(x, adapter_names=names)
+      times["mixed"].append(time.perf_counter() - t0)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"adapters": n, "batch": batch, "seq": seq, "single_ms": med["single"] * 1e3,
+          "mixed_ms": med["mixed"] * 1e3, "ratio": med["mixed"] / med["single"],
+          "torch": torch.__version__, "peft": peft.__version__}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+  ap.add_argument("--rounds", type=int, default=10)
+  ap.add_argument("--peft", action="store_true", help="also time PEFT's mixed batches")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+  cfg = models.ModelConfig.quick() if args.quick else models.ModelConfig()
+  rounds = 2 if args.quick else args.rounds
+  res = run(cfg, (4, 16), rounds)
+  print(f"jlora banks on {res['machine']}, jax {res['jax']} ({res['backend']}), "
+        f"median of {rounds} interleaved rounds; ratio = bank / one adapter")
+  head = f"{'adapters':>9}{'what':>9}{'batch':>7}{'one':>9}"
+  head += "".join(f"{h:>17}" for h in STRATEGIES) + f"{'auto':>9}"
+  print(head)
+  for row in res["rows"]:
+    line = (f"{row['adapters']!s:>9}{row['what']:>9}{row['batch']:>4}x{row['seq']:<3}"
+            f"{row['single_ms']:>7.1f}ms")
+    line += "".join(f"{row[f'{h}_ms']:>9.1f}ms {row[f'{h}_ratio']:>5.2f}" for h in STRATEGIES)
+    print(line + f"{row['auto']:>9}")
+  if args.peft:
+    res["peft"] = [run_peft(cfg, n, rounds) for n in (4, 16)]
+    for row in res["peft"]:
+      print(f"PEFT {row['peft']} mixed batch over {row['adapters']} adapters "
+            f"({row['batch']}x{row['seq']}): {row['mixed_ms']:.1f} ms against one adapter "
+            f"{row['single_ms']:.1f} ms: ratio {row['ratio']:.2f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(res, f, indent=2, default=str)
+  return res
+
+
+if __name__ == "__main__":
+  main()
