@@ -4,13 +4,14 @@ Blocks run in order in one fresh interpreter (later sections continue the
 Quickstart), in a temporary working directory. A block preceded by the line
 ``<!-- readme-test: own-process -->`` runs alone in its own interpreter (it
 sets up JAX differently, e.g. simulated devices). The comment lines that
-directly follow a ``print(...)`` line are its expected output; ``...``
-matches anything, as in doctest. A ``print(...)  # text`` line expects
-``text``.
+directly follow a ``print(...)`` statement are its expected output, and a
+one-line ``print(...)  # text`` expects ``text``; ``...`` matches anything,
+as in doctest.
 """
 
 from __future__ import annotations
 
+import ast
 import doctest
 import os
 import pathlib
@@ -39,22 +40,26 @@ def _blocks() -> list[tuple[str, bool]]:
 
 
 def _expected(code: str) -> str:
-  """The expected output: a ``print(...)`` line's own trailing comment, or the
-  comment lines right after it."""
-  lines, want, collecting = code.splitlines(), [], False
-  for line in lines:
-    stripped = line.strip()
-    if stripped.startswith("print("):
-      inline = re.fullmatch(r"print\(.*\)\s+#\s?(.*)", stripped)
-      if inline:
-        want.append(inline.group(1))
-      collecting = not inline
+  """The expected output: a one-line ``print(...)``'s own trailing comment, or
+  the comment lines right after a ``print(...)`` statement."""
+  lines = code.splitlines()
+  want = []
+  for node in ast.walk(ast.parse(code)):
+    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", None) == "print"):
       continue
-    if collecting and stripped.startswith("#"):
-      want.append(stripped[1:].strip() if stripped != "#" else "")
+    last = lines[node.end_lineno - 1]
+    trailing = last[node.end_col_offset:].strip()
+    if node.lineno == node.end_lineno and trailing.startswith("#"):
+      want.append((node.lineno, [trailing[1:].strip()]))
       continue
-    collecting = False
-  return "\n".join(want)
+    block = []
+    for line in lines[node.end_lineno:]:
+      if not line.strip().startswith("#"):
+        break
+      block.append(line.strip()[1:].strip())
+    want.append((node.lineno, block))
+  return "\n".join(line for _, block in sorted(want) for line in block)
 
 
 def _run(codes: list[str], tmp_path: pathlib.Path) -> list[str]:
