@@ -3,24 +3,20 @@
 from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
                           LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
 from jlora._paths import path_str
-from jlora.base_files import load_params, save_params
-from jlora.checkpoint import (CheckpointManager, adapter_metadata,
-                              load_adapter, save_adapter)
 from jlora.interpreter import lora
 from jlora.layouts import infer_layouts
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.lora_param import LoraParam
 from jlora.transform import lora_transform
-from jlora.peft import PeftAdapter, PeftRules, load_peft, save_peft
 from jlora.optim import optimizer
 from jlora.layout import Layout
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
+from jlora import base, orbax, peft
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointManager",
     "Layout",
     "LoraCheckpointError",
     "LoraError",
@@ -33,22 +29,16 @@ __all__ = [
     "LoraSpecError",
     "LoraSummary",
     "LoraTreeError",
-    "PeftAdapter",
-    "PeftRules",
-    "adapter_metadata",
     "frozen_like",
     "infer_layouts",
-    "load_adapter",
-    "load_params",
-    "load_peft",
     "lora",
     "lora_transform",
     "merge",
     "optimizer",
     "path_str",
-    "save_adapter",
-    "save_params",
-    "save_peft",
     "summary",
     "unmerge",
+    "base",
+    "orbax",
+    "peft",
 ]

@@ -1,4 +1,4 @@
-"""Base parameters as files: ``save_params`` and ``load_params``.
+"""Base parameters as files: ``jlora.base.save`` and ``jlora.base.load``.
 
 A *base* (the parameters an adapter is applied to) is stored in one of two
 forms, chosen by the path's suffix:
@@ -25,13 +25,12 @@ import collections
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jlora import _atomic
 from jlora.errors import LoraFileError
 from jlora._paths import flatten_with_paths
 
@@ -42,11 +41,6 @@ _PARAMS_FORMAT = "jlora.params"
 _PARAMS_VERSION = 1
 # Keys of a safetensors file's metadata (string -> string).
 _ST_FORMAT, _ST_PATHS = "format", "jlora.paths"
-_PEFT_CONFIG = "adapter_config.json"   # to tell an adapter given as a base
-
-
-# The command line reports these errors as one line.
-CliError = LoraFileError
 
 
 def _ocp():
@@ -54,7 +48,8 @@ def _ocp():
   return ocp
 
 
-def _is_safetensors(path: PathLike) -> bool:
+def is_safetensors(path: PathLike) -> bool:
+  """Whether ``path`` names a safetensors file (by its suffix)."""
   return os.fspath(path).endswith(".safetensors")
 
 
@@ -64,22 +59,22 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
   for path, leaf in flat.items():
     parts = path.split("/")
     if not all(parts):
-      raise CliError(f"parameter path '{path}' has an empty segment; cannot store it as "
+      raise LoraFileError(f"parameter path '{path}' has an empty segment; cannot store it as "
                      f"nested names (use a .safetensors file)")
     node = root
     for part in parts[:-1]:
       child = node.setdefault(part, {})
       if not isinstance(child, dict):
-        raise CliError(f"parameter path '{path}' lies inside parameter "
+        raise LoraFileError(f"parameter path '{path}' lies inside parameter "
                        f"'{path[:path.index(part) + len(part)]}'")
       node = child
     if parts[-1] in node:
-      raise CliError(f"parameter path '{path}' is also a prefix of other parameters")
+      raise LoraFileError(f"parameter path '{path}' is also a prefix of other parameters")
     node[parts[-1]] = leaf
   return root
 
 
-def _canonical_order(paths: Sequence[str]) -> list[str]:
+def canonical_order(paths: Sequence[str]) -> list[str]:
   """The leaf order JAX gives the tree the paths name, without a stored order.
 
   JAX sorts dict keys level by level: strings as strings (Linen's
@@ -100,37 +95,15 @@ def _params_rows(pairs: Sequence[tuple[str, Any]]) -> list[list[Any]]:
   return [[p, [int(d) for d in leaf.shape], jnp.dtype(leaf.dtype).name] for p, leaf in pairs]
 
 
-def _replace_atomically(path: pathlib.Path, write) -> None:
-  """``write(tmp)`` beside ``path``, then renames it into place."""
-  staging = path.parent / f".{path.name}.jlora-new-{uuid.uuid4().hex[:8]}"
-  try:
-    write(staging)
-    if path.exists():
-      old = path.parent / f".{path.name}.jlora-old-{uuid.uuid4().hex[:8]}"
-      path.rename(old)
-      staging.rename(path)
-      if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-      else:
-        old.unlink()
-    else:
-      staging.rename(path)
-  finally:
-    if staging.is_dir():
-      shutil.rmtree(staging, ignore_errors=True)
-    elif staging.exists():
-      staging.unlink()
-
-
-def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Path:
+def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Path:
   """Writes a parameter tree as a base the ``jlora`` command line reads.
 
   A path ending in ``.safetensors`` gives one safetensors file keyed by
   '/'-joined parameter paths; any other path gives an orbax checkpoint
   directory (``params/``: the parameters as nested dicts, ``params_meta/``:
   JSON with each path, shape and dtype). Both keep every leaf's dtype and
-  record the tree's leaf order. The write is atomic. See the module
-  docstring of ``jlora.cli`` for the layout.
+  record the tree's leaf order. The write is atomic (see the module
+  docstring for the layout).
 
   Args:
     path: the file or directory to create.
@@ -142,38 +115,38 @@ def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> path
     The absolute path written.
 
   Raises:
-    CliError: ``path`` exists (without ``overwrite``), two leaves share a
+    LoraFileError: ``path`` exists (without ``overwrite``), two leaves share a
       path, or a leaf is not an array.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, jlora
     >>> params = {"dense": {"kernel": jnp.ones((2, 3), jnp.bfloat16)}}
-    >>> f = jlora.save_params(f"{tempfile.mkdtemp()}/base.safetensors", params)
-    >>> jlora.load_params(f)["dense"]["kernel"].dtype
+    >>> f = jlora.base.save(f"{tempfile.mkdtemp()}/base.safetensors", params)
+    >>> jlora.base.load(f)["dense"]["kernel"].dtype
     dtype(bfloat16)
   """
   path = pathlib.Path(path).absolute()
   if path.exists() and not overwrite:
-    raise CliError(f"'{path}' already exists; pass overwrite=True (--overwrite) to replace it")
+    raise LoraFileError(f"'{path}' already exists; pass overwrite=True (--overwrite) to "
+                        f"replace it")
   pairs = [(p, leaf) for p, leaf in flatten_with_paths(params)[0] if leaf is not None]
   seen: set[str] = set()
   for p, leaf in pairs:
     if p in seen:
-      raise CliError(f"two parameters are both named '{p}'; cannot store by path")
+      raise LoraFileError(f"two parameters are both named '{p}'; cannot store by path")
     seen.add(p)
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype") or isinstance(
         leaf, jax.ShapeDtypeStruct):
-      raise CliError(f"'{p}': expected an array, got {type(leaf).__name__}")
+      raise LoraFileError(f"'{p}': expected an array, got {type(leaf).__name__}")
   if not pairs:
-    raise CliError("params holds no arrays; nothing to save")
+    raise LoraFileError("params holds no arrays; nothing to save")
   rows = _params_rows(pairs)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if _is_safetensors(path):
+  if is_safetensors(path):
     from safetensors.flax import save_file
     tensors = {p: jnp.asarray(leaf) for p, leaf in pairs}
     metadata = {_ST_FORMAT: _PARAMS_FORMAT, _ST_PATHS: json.dumps([p for p, _ in pairs])}
-    _replace_atomically(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata))
-    return path
+    return _atomic.replace(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
+                           overwrite=overwrite, what="base")
   nested = _nest(dict(pairs))
   ocp = _ocp()
   meta = {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION, "params": rows}
@@ -184,27 +157,35 @@ def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> path
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, args=args)
 
-  _replace_atomically(path, write)
-  return path
+  return _atomic.replace(path, write, overwrite=overwrite, what="base")
 
 
-def _read_params(path: PathLike, what: str = "base") -> collections.OrderedDict:
-  """A base on disk -> ``OrderedDict(path -> array)`` in the tree's leaf order."""
+def read(path: PathLike, what: str = "base") -> collections.OrderedDict:
+  """A base on disk -> ``OrderedDict(path -> array)`` in the tree's leaf order.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, jlora
+    >>> f = jlora.base.save(f"{tempfile.mkdtemp()}/b.safetensors", {"z": jnp.ones(2), "a": jnp.ones(3)})
+    >>> list(jlora.base.read(f))
+    ['a', 'z']
+  """
   path = pathlib.Path(path).absolute()
   if not path.exists():
-    raise CliError(f"no {what} at '{path}': it does not exist")
+    raise LoraFileError(f"no {what} at '{path}': it does not exist")
   if path.is_file():
     return _read_safetensors_params(path, what)
   if (path / _PARAMS_META).is_dir():
     return _read_orbax_params(path)
   if (path / "_METADATA").is_file():
     return _read_plain_orbax(path, what)
+  from jlora.orbax.adapter import is_adapter as is_orbax_adapter
+  from jlora.peft.describe import is_adapter as is_peft_adapter
   hint = ""
-  if (path / "adapter_meta").is_dir() or (path / _PEFT_CONFIG).is_file():
+  if is_orbax_adapter(path) or is_peft_adapter(path):
     hint = "; it is an adapter, not a base"
-  raise CliError(f"'{path}' is not a {what}: expected a jlora params checkpoint (with "
-                 f"'{_PARAMS_META}/'), an orbax PyTree checkpoint or a .safetensors "
-                 f"file{hint}")
+  raise LoraFileError(f"'{path}' is not a {what}: expected a jlora params checkpoint (with "
+                      f"'{_PARAMS_META}/'), an orbax PyTree checkpoint or a .safetensors "
+                      f"file{hint}")
 
 
 def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.OrderedDict:
@@ -215,7 +196,7 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       metadata = f.metadata() or {}
       tensors = {k: f.get_tensor(k) for k in keys}
   except Exception as e:  # safetensors raises its own (non-OSError) types
-    raise CliError(f"'{path}' is not a {what}: not a readable safetensors file "
+    raise LoraFileError(f"'{path}' is not a {what}: not a readable safetensors file "
                    f"({' '.join(str(e).split())})") from e
   order = None
   if metadata.get(_ST_PATHS):
@@ -225,7 +206,7 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       order = None
     if not isinstance(order, list) or sorted(order) != sorted(keys):
       order = None  # written by another tool, or edited: fall back
-  order = order or _canonical_order(keys)
+  order = order or canonical_order(keys)
   return collections.OrderedDict((k, tensors[k]) for k in order)
 
 
@@ -241,25 +222,25 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
       meta = ckptr.restore(path, args=ocp.args.Composite(
           **{_PARAMS_META: ocp.args.JsonRestore()}))[_PARAMS_META]
       if not isinstance(meta, dict) or meta.get("format") != _PARAMS_FORMAT:
-        raise CliError(f"'{path}': '{_PARAMS_META}' is not {_PARAMS_FORMAT} metadata")
+        raise LoraFileError(f"'{path}': '{_PARAMS_META}' is not {_PARAMS_FORMAT} metadata")
       if meta.get("version") != _PARAMS_VERSION:
-        raise CliError(f"'{path}': {_PARAMS_FORMAT} version {meta.get('version')} is not "
+        raise LoraFileError(f"'{path}': {_PARAMS_FORMAT} version {meta.get('version')} is not "
                        f"supported (this jlora reads version {_PARAMS_VERSION})")
       rows = meta["params"]
       target = _nest({p: _abstract(shape, dtype) for p, shape, dtype in rows})
       nested = ckptr.restore(path, args=ocp.args.Composite(
           **{_PARAMS: ocp.args.StandardRestore(target)}))[_PARAMS]
-  except CliError:
+  except LoraFileError:
     raise
   except Exception as e:  # anything orbax raises means an unreadable checkpoint
-    raise CliError(f"'{path}': cannot read the params checkpoint ({type(e).__name__}: "
+    raise LoraFileError(f"'{path}': cannot read the params checkpoint ({type(e).__name__}: "
                    f"{' '.join(str(e).split())}); it is incomplete or corrupted") from e
   flat = dict(flatten_with_paths(nested)[0])
   out = collections.OrderedDict()
   for p, shape, dtype in rows:
     leaf = flat.get(p)
     if leaf is None or list(leaf.shape) != list(shape) or jnp.dtype(leaf.dtype).name != dtype:
-      raise CliError(f"'{path}': '{p}' is missing or is not {_describe(shape, dtype)}")
+      raise LoraFileError(f"'{path}': '{p}' is missing or is not {_describe(shape, dtype)}")
     out[p] = leaf
   return out
 
@@ -270,20 +251,20 @@ def _read_plain_orbax(path: pathlib.Path, what: str) -> collections.OrderedDict:
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(path)
   except Exception as e:  # anything orbax raises means an unreadable checkpoint
-    raise CliError(f"'{path}': cannot read it as an orbax PyTree checkpoint "
+    raise LoraFileError(f"'{path}': cannot read it as an orbax PyTree checkpoint "
                    f"({type(e).__name__}: {' '.join(str(e).split())})") from e
   pairs = [(p, leaf) for p, leaf in flatten_with_paths(tree)[0] if leaf is not None]
   if not pairs:
-    raise CliError(f"'{path}' is not a {what}: the orbax checkpoint holds no arrays")
+    raise LoraFileError(f"'{path}' is not a {what}: the orbax checkpoint holds no arrays")
   return collections.OrderedDict((p, jnp.asarray(leaf)) for p, leaf in pairs)
 
 
-def load_params(path: PathLike, like: Any = None) -> Any:
-  """Reads a base written by ``save_params`` (or ``jlora merge``).
+def load(path: PathLike, like: Any = None) -> Any:
+  """Reads a base written by ``jlora.base.save`` (or ``jlora merge``).
 
   Args:
     path: a ``.safetensors`` file or an orbax checkpoint directory
-      (``save_params``'s, or a plain orbax PyTree checkpoint).
+      (``jlora.base.save``'s, or a plain orbax PyTree checkpoint).
     like: optional tree (concrete or ``jax.ShapeDtypeStruct`` leaves) whose
       structure the result takes; every one of its paths must be in the
       file with the same shape and dtype. Without it, the parameters come
@@ -293,12 +274,12 @@ def load_params(path: PathLike, like: Any = None) -> Any:
     The parameter tree.
 
   Raises:
-    CliError: no such file, not a base, or it does not fit ``like``.
+    LoraFileError: no such file, not a base, or it does not fit ``like``.
 
   Example:
-    See ``save_params``.
+    See ``jlora.base.save``.
   """
-  flat = _read_params(path)
+  flat = read(path)
   if like is None:
     return _nest(flat)
   pairs, treedef = flatten_with_paths(like)
@@ -308,16 +289,53 @@ def load_params(path: PathLike, like: Any = None) -> Any:
       leaves.append(None)
       continue
     if p not in flat:
-      raise CliError(f"'{path}' has no parameter '{p}'")
+      raise LoraFileError(f"'{path}' has no parameter '{p}'")
     got = flat[p]
     if tuple(got.shape) != tuple(leaf.shape) or got.dtype != leaf.dtype:
-      raise CliError(f"'{path}': '{p}' is {_describe(got.shape, got.dtype)}, expected "
+      raise LoraFileError(f"'{path}': '{p}' is {_describe(got.shape, got.dtype)}, expected "
                      f"{_describe(leaf.shape, leaf.dtype)}")
     leaves.append(got)
   unused = sorted(set(flat) - {p for p, _ in pairs})
   if unused:
-    raise CliError(f"'{path}' has parameters that `like` lacks: {unused[:5]}")
+    raise LoraFileError(f"'{path}' has parameters that `like` lacks: {unused[:5]}")
   return treedef.unflatten(leaves)
 
 
-# -- recognising files ---------------------------------------------------------------
+def is_base(path: PathLike) -> bool:
+  """Whether ``path`` looks like a base: a ``.safetensors`` file, a jlora
+  params checkpoint or a plain orbax PyTree checkpoint directory.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, jlora
+    >>> d = tempfile.mkdtemp()
+    >>> is_base(jlora.base.save(f"{d}/b.safetensors", {"w": jnp.ones(2)})), is_base(d)
+    (True, False)
+  """
+  p = pathlib.Path(path)
+  if p.is_file():
+    return is_safetensors(p)
+  return (p / _PARAMS_META).is_dir() or (p / "_METADATA").is_file()
+
+
+def describe(path: PathLike) -> dict[str, Any]:
+  """What a base file holds: each parameter's path, shape and dtype.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, jlora
+    >>> f = jlora.base.save(f"{tempfile.mkdtemp()}/b.safetensors", {"w": jnp.ones((2, 3))})
+    >>> info = jlora.base.describe(f)
+    >>> info["params"], info["elements"], info["tensors"]
+    (1, 6, [{'path': 'w', 'shape': [2, 3], 'dtype': 'float32'}])
+  """
+  flat = read(path, "params checkpoint")
+  dtypes = collections.Counter(jnp.dtype(x.dtype).name for x in flat.values())
+  return {"path": str(pathlib.Path(path).absolute()), "format": "params",
+          "format_detail": "parameters (a base or a merged model): " +
+                           ("safetensors file" if pathlib.Path(path).is_file()
+                            else "orbax checkpoint"),
+          "params": len(flat), "elements": int(sum(x.size for x in flat.values())),
+          "bytes": int(sum(x.size * x.dtype.itemsize for x in flat.values())),
+          "dtypes": dict(dtypes),
+          "tensors": [{"path": p, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name}
+                      for p, x in flat.items()]}
+
