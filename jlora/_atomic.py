@@ -28,6 +28,7 @@ import ctypes
 import errno
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from typing import Callable
@@ -36,6 +37,8 @@ from jlora.errors import LoraFileError
 
 PathLike = str | os.PathLike
 STATES = ("tmp", "new", "old", "trash")
+# .<name>.jlora-<state>-<id>, and what orbax appends to a folder it is writing.
+_STAGED = re.compile(r"\.(.+)\.jlora-(tmp|new|old|trash)-[0-9a-f]+(.*)")
 # Tests set this to exercise the two-rename protocol on Linux too.
 USE_EXCHANGE = True
 
@@ -87,12 +90,11 @@ def remove(path: pathlib.Path) -> None:
   if not exists(path):
     return
   if path.is_dir() and not path.is_symlink():
-    name = path.name
+    m = _STAGED.fullmatch(path.name)
     target = path
-    if ".jlora-trash-" not in name:
-      base = name[1:].split(".jlora-", 1)[0] if name.startswith(".") and ".jlora-" in name \
-          else name
-      target = staged(path.parent / base, "trash")
+    if m is None or m.group(2) != "trash":
+      # Trash under the name of what is being replaced, where recover() looks.
+      target = staged(path.parent / (m.group(1) if m else path.name), "trash")
       os.rename(path, target)
     shutil.rmtree(target, ignore_errors=True)
     if exists(target):   # a file we could not delete: report it, as rmtree would
@@ -268,12 +270,31 @@ def replace(path: PathLike, write: Callable[[pathlib.Path], None], *, overwrite:
     finally:
       if exists(new):
         remove(new)
+  except LoraFileError:
+    raise
   except OSError as e:
     raise error(os_error(e, path, f"write {what}")) from None
+  except Exception as e:  # a library's own error type (tensorstore, safetensors)
+    raise error(library_error(e, path, f"write {what}")) from e
   finally:
-    if exists(tmp):
-      try:
-        remove(tmp)
-      except OSError:
-        pass
+    for left in leftovers(path)["tmp"]:   # ours and what orbax staged beside it
+      if left.name.startswith(tmp.name):
+        try:
+          remove(left)
+        except OSError:
+          pass
   return path
+
+
+def library_error(e: Exception, path: PathLike, action: str) -> str:
+  """One line for another library's error about a file: an OSError's reason
+  if the message carries one (tensorstore's ``os_error_code='28'``)."""
+  text = " ".join(str(e).split())
+  m = re.search(r"os_error_code='?(\d+)", text)
+  if m:
+    code = int(m.group(1))
+    return os_error(OSError(code, os.strerror(code)), path, action)
+  for code in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+    if os.strerror(code) in text:
+      return os_error(OSError(code, os.strerror(code)), path, action)
+  return f"cannot {action} '{path}': {type(e).__name__}: {text[:300]}"

@@ -22,6 +22,7 @@ unpickled and no code from a file runs.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import pathlib
@@ -29,23 +30,31 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import _atomic
 from jlora.errors import LoraFileError
 from jlora._paths import flatten_with_paths
+from jlora.orbax import manifest
 
 PathLike = str | os.PathLike
 
 _PARAMS, _PARAMS_META = "params", "params_meta"
 _PARAMS_FORMAT = "jlora.params"
 _PARAMS_VERSION = 1
-# Keys of a safetensors file's metadata (string -> string).
-_ST_FORMAT, _ST_PATHS = "format", "jlora.paths"
+# Keys of a safetensors file's metadata (string -> string): the format is
+# jlora's mark; the leaf order and a SHA-256 per tensor are checked on read.
+_ST_FORMAT, _ST_PATHS, _ST_SHA256 = "format", "jlora.paths", "jlora.sha256"
 
 
 def _ocp():
   import orbax.checkpoint as ocp  # slow to import; only when a checkpoint is touched
   return ocp
+
+
+def _quiet():
+  from jlora.orbax.validation import quiet
+  return quiet()
 
 
 def is_safetensors(path: PathLike) -> bool:
@@ -87,6 +96,11 @@ def canonical_order(paths: Sequence[str]) -> list[str]:
   return sorted(paths, key=key)
 
 
+def _sha256(x: Any) -> str:
+  host = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+  return hashlib.sha256(host.view(np.uint8).data).hexdigest()
+
+
 def _describe(shape: Any, dtype: Any) -> str:
   return f"shape {tuple(shape)} dtype {jnp.dtype(dtype).name}"
 
@@ -102,21 +116,25 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   '/'-joined parameter paths; any other path gives an orbax checkpoint
   directory (``params/``: the parameters as nested dicts, ``params_meta/``:
   JSON with each path, shape and dtype). Both keep every leaf's dtype and
-  record the tree's leaf order. The write is atomic (see the module
+  record the tree's leaf order, and carry jlora's mark (a SHA-256 of each
+  tensor, or of each file), which readers verify. The write is atomic: a
+  reader finds the old base or the new one whatever point a kill interrupts
+  it at, and ``overwrite`` replaces only a base jlora wrote (see the module
   docstring for the layout).
 
   Args:
     path: the file or directory to create.
     params: a tree of arrays (Linen ``variables``, an NNX ``State``, a dict);
       None leaves are skipped.
-    overwrite: replace an existing file or directory at ``path``.
+    overwrite: replace an existing base at ``path`` (one jlora wrote).
 
   Returns:
     The absolute path written.
 
   Raises:
-    LoraFileError: ``path`` exists (without ``overwrite``), two leaves share a
-      path, or a leaf is not an array.
+    LoraFileError: ``path`` exists (without ``overwrite``, or is not a base
+      jlora wrote), two leaves share a path, a leaf is not an array, or the
+      file system refused (the message names the path and the reason).
 
   Example:
     >>> import tempfile, jax.numpy as jnp, jlora
@@ -126,7 +144,7 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
     dtype(bfloat16)
   """
   path = pathlib.Path(path).absolute()
-  if path.exists() and not overwrite:
+  if _atomic.exists(path) and not _atomic.is_empty_dir(path) and not overwrite:
     raise LoraFileError(f"'{path}' already exists; pass overwrite=True (--overwrite) to "
                         f"replace it")
   pairs = [(p, leaf) for p, leaf in flatten_with_paths(params)[0] if leaf is not None]
@@ -144,9 +162,10 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   if is_safetensors(path):
     from safetensors.flax import save_file
     tensors = {p: jnp.asarray(leaf) for p, leaf in pairs}
-    metadata = {_ST_FORMAT: _PARAMS_FORMAT, _ST_PATHS: json.dumps([p for p, _ in pairs])}
+    metadata = {_ST_FORMAT: _PARAMS_FORMAT, _ST_PATHS: json.dumps([p for p, _ in pairs]),
+                _ST_SHA256: json.dumps({p: _sha256(x) for p, x in tensors.items()})}
     return _atomic.replace(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
-                           overwrite=overwrite, what="base")
+                           overwrite=overwrite, owned=is_owned, what="base")
   nested = _nest(dict(pairs))
   ocp = _ocp()
   meta = {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION, "params": rows}
@@ -154,10 +173,11 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
                                _PARAMS_META: ocp.args.JsonSave(meta)})
 
   def write(tmp: pathlib.Path) -> None:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, args=args)
+    manifest.write(tmp, _PARAMS_FORMAT)
 
-  return _atomic.replace(path, write, overwrite=overwrite, what="base")
+  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned, what="base")
 
 
 def read(path: PathLike, what: str = "base") -> collections.OrderedDict:
@@ -169,7 +189,7 @@ def read(path: PathLike, what: str = "base") -> collections.OrderedDict:
     >>> list(jlora.base.read(f))
     ['a', 'z']
   """
-  path = pathlib.Path(path).absolute()
+  path = _atomic.resolve(path)
   if not path.exists():
     raise LoraFileError(f"no {what} at '{path}': it does not exist")
   if path.is_file():
@@ -197,16 +217,33 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       tensors = {k: f.get_tensor(k) for k in keys}
   except Exception as e:  # safetensors raises its own (non-OSError) types
     raise LoraFileError(f"'{path}' is not a {what}: not a readable safetensors file "
-                   f"({' '.join(str(e).split())})") from e
-  order = None
-  if metadata.get(_ST_PATHS):
-    try:
-      order = json.loads(metadata[_ST_PATHS])
-    except json.JSONDecodeError:
-      order = None
-    if not isinstance(order, list) or sorted(order) != sorted(keys):
-      order = None  # written by another tool, or edited: fall back
-  order = order or canonical_order(keys)
+                        f"({' '.join(str(e).split())})") from None
+  if metadata.get(_ST_FORMAT) != _PARAMS_FORMAT:
+    # Written by another tool: no order and no checksums to check.
+    order = None
+    if metadata.get(_ST_PATHS):
+      try:
+        order = json.loads(metadata[_ST_PATHS])
+      except json.JSONDecodeError:
+        order = None
+      if not isinstance(order, list) or sorted(order) != sorted(keys):
+        order = None
+    order = order or canonical_order(keys)
+    return collections.OrderedDict((k, tensors[k]) for k in order)
+  # jlora's: the order and every tensor's checksum must hold.
+  try:
+    order = json.loads(metadata.get(_ST_PATHS) or "null")
+    sums = json.loads(metadata.get(_ST_SHA256) or "null")
+  except (ValueError, RecursionError):
+    order = sums = None
+  if (not isinstance(order, list) or sorted(order) != sorted(keys)
+      or not isinstance(sums, dict) or sorted(sums) != sorted(keys)):
+    raise LoraFileError(f"'{path}' is damaged: its jlora metadata (leaf order, checksums) "
+                        f"does not match its tensors")
+  for k in order:
+    if _sha256(tensors[k]) != sums[k]:
+      raise LoraFileError(f"'{path}' is damaged: tensor '{k}' fails its checksum (its SHA-256 "
+                          f"differs from the one jlora recorded when writing it)")
   return collections.OrderedDict((k, tensors[k]) for k in order)
 
 
@@ -217,15 +254,16 @@ def _abstract(shape: Sequence[int], dtype: str) -> jax.ShapeDtypeStruct:
 
 def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
   ocp = _ocp()
+  manifest.verify(path, (_PARAMS_FORMAT,), error=LoraFileError)
   try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       meta = ckptr.restore(path, args=ocp.args.Composite(
           **{_PARAMS_META: ocp.args.JsonRestore()}))[_PARAMS_META]
       if not isinstance(meta, dict) or meta.get("format") != _PARAMS_FORMAT:
         raise LoraFileError(f"'{path}': '{_PARAMS_META}' is not {_PARAMS_FORMAT} metadata")
       if meta.get("version") != _PARAMS_VERSION:
         raise LoraFileError(f"'{path}': {_PARAMS_FORMAT} version {meta.get('version')} is not "
-                       f"supported (this jlora reads version {_PARAMS_VERSION})")
+                            f"supported (this jlora reads version {_PARAMS_VERSION})")
       rows = meta["params"]
       target = _nest({p: _abstract(shape, dtype) for p, shape, dtype in rows})
       nested = ckptr.restore(path, args=ocp.args.Composite(
@@ -234,7 +272,7 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
     raise
   except Exception as e:  # anything orbax raises means an unreadable checkpoint
     raise LoraFileError(f"'{path}': cannot read the params checkpoint ({type(e).__name__}: "
-                   f"{' '.join(str(e).split())}); it is incomplete or corrupted") from e
+                        f"{' '.join(str(e).split())}); it is incomplete or corrupted") from e
   flat = dict(flatten_with_paths(nested)[0])
   out = collections.OrderedDict()
   for p, shape, dtype in rows:
@@ -248,11 +286,11 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
 def _read_plain_orbax(path: pathlib.Path, what: str) -> collections.OrderedDict:
   ocp = _ocp()
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with _quiet(), ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(path)
   except Exception as e:  # anything orbax raises means an unreadable checkpoint
     raise LoraFileError(f"'{path}': cannot read it as an orbax PyTree checkpoint "
-                   f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+                        f"({type(e).__name__}: {' '.join(str(e).split())})") from e
   pairs = [(p, leaf) for p, leaf in flatten_with_paths(tree)[0] if leaf is not None]
   if not pairs:
     raise LoraFileError(f"'{path}' is not a {what}: the orbax checkpoint holds no arrays")
@@ -299,6 +337,30 @@ def load(path: PathLike, like: Any = None) -> Any:
   if unused:
     raise LoraFileError(f"'{path}' has parameters that `like` lacks: {unused[:5]}")
   return treedef.unflatten(leaves)
+
+
+def is_owned(path: PathLike) -> bool:
+  """Whether ``path`` is a base jlora wrote (it carries jlora's mark): the only
+  kind of file ``save(..., overwrite=True)`` replaces.
+
+  Example:
+    >>> import pathlib, tempfile, jax.numpy as jnp, jlora
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "notes.safetensors").write_text("mine")
+    >>> is_owned(jlora.base.save(d / "b.safetensors", {"w": jnp.ones(2)})), is_owned(d / "notes.safetensors")
+    (True, False)
+  """
+  p = pathlib.Path(path)
+  if p.is_dir():
+    return manifest.kind(p) == _PARAMS_FORMAT
+  if not p.is_file() or not is_safetensors(p):
+    return False
+  from safetensors import safe_open
+  try:
+    with safe_open(os.fspath(p), "numpy") as f:
+      return (f.metadata() or {}).get(_ST_FORMAT) == _PARAMS_FORMAT
+  except Exception:  # not a readable safetensors file: not ours
+    return False
 
 
 def is_base(path: PathLike) -> bool:

@@ -245,8 +245,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # -- merge ---------------------------------------------------------------------------
 
 
-def _check_out(path: PathLike, overwrite: bool) -> pathlib.Path:
+def _check_out(path: PathLike, overwrite: bool, inputs: dict[str, PathLike | None]
+               ) -> pathlib.Path:
+  """The output path, refused if it exists (without --overwrite) or if it is,
+  holds, or lies inside one of the inputs: --overwrite never replaces an input."""
   p = pathlib.Path(path).absolute()
+  real = p.resolve()
+  for flag, value in inputs.items():
+    if value is None:
+      continue
+    inp = pathlib.Path(value).absolute().resolve()
+    if real == inp or real in inp.parents or inp in real.parents:
+      rel = ("is" if real == inp else "contains" if real in inp.parents else "lies inside")
+      raise LoraFileError(f"'{p}' {rel} the input {flag} '{value}'; write the output "
+                          f"elsewhere (jlora never replaces an input)")
   if p.exists() and not overwrite:
     raise LoraFileError(f"'{p}' already exists; pass --overwrite to replace it")
   return p
@@ -284,7 +296,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
   if fmt == "orbax" and is_st(args.out):
     raise LoraFileError(f"--format orbax: --out '{args.out}' ends in .safetensors; name the "
                         f"checkpoint directory otherwise")
-  out = _check_out(args.out, args.overwrite)
+  out = _check_out(args.out, args.overwrite, {"--base": args.base, "--adapter": args.adapter})
   kind = _adapter_kind(args.adapter)
   if kind == "jlora" and (args.rules != "generic" or args.layout):
     raise LoraFileError("--rules/--layout are for PEFT folders; a jlora adapter stores its "
@@ -315,7 +327,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   if kind == want:
     what = "PEFT folder" if kind == "peft" else "jlora orbax adapter"
     raise LoraFileError(f"'{args.src}' is already a {what}; nothing to convert")
-  dst = pathlib.Path(args.dst).absolute()
+  dst = _check_out(args.dst, True, {"SRC": args.src, "--base": args.base})
   if args.to == "peft":
     if args.layout:
       raise LoraFileError("--layout is for reading PEFT folders; a jlora adapter stores its "
@@ -327,7 +339,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     trainable, spec, _ = _load_jlora(args.src, base)
     try:
       config = peft.save(dst, trainable, _rules(args), spec=spec,
-                         base_model_name_or_path=args.base_model_name)
+                         base_model_name_or_path=args.base_model_name,
+                         overwrite=args.overwrite)
     except LoraPeftError as e:
       raise _rules_hint(e, args) from e
     print(f"wrote {dst} (PEFT): r {config['r']}, lora_alpha {config['lora_alpha']}, "
@@ -339,7 +352,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                         "W0's shapes")
   if args.base_model_name is not None:
     raise LoraFileError("--base-model-name is for --to peft (adapter_config.json)")
-  _check_out(dst, args.overwrite)
+  _check_out(dst, args.overwrite, {"SRC": args.src, "--base": args.base})
   base = base_files.read(args.base)
   adapter = _load_peft(args.src, base, args)
   jorbax.save(dst, adapter.trainable, adapter.spec, base=adapter.frozen,

@@ -11,6 +11,8 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from flax import nnx
 
 import jlora
 import orbax_worker as cw
+from jlora.orbax import manifest
 from models import NNXLM
 from orbax_util import (TINY_LM, assert_trees_equal, dir_bytes, is_lp, make_lm, np_fill,
                         perturb)
@@ -172,6 +175,9 @@ def test_bad_paths_and_inputs(tmp_path):
   with pytest.raises(jlora.LoraCheckpointError, match="is not a jlora adapter"):
     jlora.orbax.load(tmp_path / "other", base=frozen)
   shutil.copytree(tmp_path / "root" / "1" / "train_meta", tmp_path / "other" / "adapter_meta")
+  with pytest.raises(jlora.LoraCheckpointError, match="'adapter_meta/commit_success.txt' is corrupted"):
+    jlora.orbax.load(tmp_path / "other", base=frozen)     # the manifest catches the swap
+  manifest.write(tmp_path / "other", "jlora.train_state")  # a consistent, wrong file
   with pytest.raises(jlora.LoraCheckpointError, match="is not jlora.adapter metadata"):
     jlora.orbax.load(tmp_path / "other", base=frozen)
 
@@ -186,9 +192,13 @@ def test_bad_paths_and_inputs(tmp_path):
     meta = json.loads(good)
     edit(meta)
     meta_file.write_text(json.dumps(meta))
+    with pytest.raises(jlora.LoraCheckpointError, match="'adapter_meta/metadata' is corrupted"):
+      jlora.orbax.load(path, base=frozen)               # the manifest catches the edit
+    manifest.write(path, "jlora.adapter")                # as if written so (another version)
     with pytest.raises(jlora.LoraCheckpointError, match=message):
       jlora.orbax.load(path, base=frozen)
   meta_file.write_text(good)
+  manifest.write(path, "jlora.adapter")
   with pytest.raises(jlora.LoraCheckpointError, match="already exists"):
     jlora.orbax.save(path, trainable, base=frozen)
   newer = perturb(trainable, seed=5)
@@ -272,6 +282,9 @@ def test_arrays_that_orbax_reads_but_are_wrong_fail_the_checksum(lm, saved, tmp_
   shutil.copytree(saved, tmp_path / "mixed")
   shutil.rmtree(tmp_path / "mixed" / "adapter")
   shutil.copytree(other / "adapter", tmp_path / "mixed" / "adapter")
+  with pytest.raises(jlora.LoraCheckpointError, match="is corrupted"):
+    jlora.orbax.load(tmp_path / "mixed", base=frozen)   # the manifest catches the swap
+  manifest.write(tmp_path / "mixed", "jlora.adapter")   # re-signed: the array checksums still do
   with pytest.raises(jlora.LoraCheckpointError, match="fails its checksum") as err:
     jlora.orbax.load(tmp_path / "mixed", base=frozen)
   assert str(tmp_path / "mixed") in str(err.value)
@@ -288,3 +301,107 @@ def test_nothing_is_unpickled(lm, saved, tmp_path, monkeypatch):
   with jlora.orbax.CheckpointManager(tmp_path, base=frozen2) as mngr:
     mngr.save(1, trainable2, opt_state)
     assert_trees_equal(mngr.restore(opt_state=opt_state).opt_state, opt_state)
+
+
+# -- file safety (issue 10) --------------------------------------------------------------
+
+
+def test_overwrite_replaces_only_an_adapter_jlora_wrote(tmp_path):
+  """overwrite=True never deletes a user's folder, another kind of jlora folder,
+  or a folder whose mark is damaged; it replaces a jlora adapter."""
+  _, frozen, trainable, _, opt_state = cw.problem()
+  project = tmp_path / "project"
+  (project / "src").mkdir(parents=True)
+  (project / "src" / "model.py").write_text("print('my code')")
+  with pytest.raises(jlora.LoraCheckpointError, match="is not a jlora adapter written by jlora"):
+    jlora.orbax.save(project, trainable, base=frozen, overwrite=True)
+  assert (project / "src" / "model.py").read_text() == "print('my code')"
+  base = jlora.base.save(tmp_path / "base", cw.base_params())
+  with pytest.raises(jlora.LoraCheckpointError, match="refusing to replace it"):
+    jlora.orbax.save(base, trainable, base=frozen, overwrite=True)     # a base, not an adapter
+  assert jlora.base.load(base)["l1"]["kernel"].shape == (16, 32)
+  with jlora.orbax.CheckpointManager(tmp_path / "ckpt", base=frozen) as mngr:
+    mngr.save(1, trainable, opt_state)
+  with pytest.raises(jlora.LoraCheckpointError, match="refusing to replace it"):
+    jlora.orbax.save(tmp_path / "ckpt" / "1", trainable, base=frozen, overwrite=True)
+  adapter = jlora.orbax.save(tmp_path / "a", trainable, cw.SPEC, base=frozen)
+  newer = perturb(trainable, seed=4)
+  jlora.orbax.save(adapter, newer, cw.SPEC, base=frozen, overwrite=True)
+  assert_trees_equal(jlora.orbax.load(adapter, base=frozen)[0], newer)
+  (adapter / "jlora_manifest.json").write_text("{}")                   # its mark is gone
+  with pytest.raises(jlora.LoraCheckpointError, match="refusing to replace it"):
+    jlora.orbax.save(adapter, trainable, cw.SPEC, base=frozen, overwrite=True)
+
+
+def test_an_edited_byte_of_metadata_is_caught(tmp_path):
+  """Issue 10 item 7: the scale lives in JSON metadata; one edited byte must not
+  change it silently. The manifest's checksum catches the edit; metadata that
+  is consistent JSON but contradicts the stored spec is refused too."""
+  _, frozen, trainable, _, _ = cw.problem()
+  path = jlora.orbax.save(tmp_path / "a", trainable, cw.SPEC, base=frozen)
+  meta_file = path / "adapter_meta" / "metadata"
+  text = meta_file.read_text()
+  assert '"scale": 2.0' in text
+  meta_file.write_text(text.replace('"scale": 2.0', '"scale": 3.0', 1))   # same length
+  with pytest.raises(jlora.LoraCheckpointError, match="'adapter_meta/metadata' is corrupted"):
+    jlora.orbax.load(path, base=frozen)
+  manifest.write(path, "jlora.adapter")            # as if jlora had written it so
+  with pytest.raises(jlora.LoraCheckpointError,
+                     match=r"contradicts its own spec: 'l1/kernel': rank 4, scale 3.0"):
+    jlora.orbax.load(path, base=frozen)
+
+
+def test_the_stored_spec_must_select_the_saved_paths(tmp_path):
+  """Issue 10 item 12: a spec whose targets (or extra_trainable) select other
+  paths than the saved ones is refused, not stored."""
+  _, frozen, trainable, _, _ = cw.problem()
+  narrower = jlora.LoraSpec(rank=4, alpha=8, targets=["l1/kernel"], extra_trainable=r"l2/bias",
+                            dropout=0.1)
+  with pytest.raises(jlora.LoraSpecError, match="'l2/kernel' has LoRA factors but the spec's "
+                                                "targets"):
+    jlora.orbax.save(tmp_path / "a", trainable, narrower, base=frozen)
+  wider = jlora.LoraSpec(rank=4, alpha=8, targets=["kernel"], extra_trainable=r".*bias",
+                         dropout=0.1)
+  with pytest.raises(jlora.LoraSpecError, match="extra_trainable '.*bias' selects 'l1/bias'"):
+    jlora.orbax.save(tmp_path / "a", trainable, wider, base=frozen)
+  assert not (tmp_path / "a").exists()
+
+
+def test_bad_paths_give_one_line(tmp_path):
+  _, frozen, trainable, _, _ = cw.problem()
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(jlora.LoraCheckpointError) as err:
+    jlora.orbax.save(tmp_path / "file" / "adapter", trainable, base=frozen)
+  assert str(err.value) == (f"cannot write jlora adapter '{tmp_path / 'file' / 'adapter'}': "
+                            f"a parent of it is a file, not a directory ('{tmp_path / 'file'}')")
+  if os.geteuid() != 0:   # root is never denied
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(jlora.LoraCheckpointError, match="permission denied"):
+      jlora.orbax.save(locked / "adapter", trainable, base=frozen)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (
+      [] if os.geteuid() == 0 else ["locked"])
+
+
+def test_a_caught_error_prints_nothing(tmp_path):
+  """A LoraCheckpointError caught by the program leaves stderr empty: no orbax
+  log records, no asyncio tracebacks, also after garbage collection."""
+  code = f"""
+import gc, glob, os, jlora, orbax_worker as cw
+_, frozen, trainable, _, _ = cw.problem()
+path = jlora.orbax.save({str(tmp_path / 'a')!r}, trainable, cw.SPEC, base=frozen)
+for f in sorted(glob.glob(f"{{path}}/adapter/**", recursive=True)):
+  if os.path.isfile(f):
+    with open(f, "r+b") as h:
+      h.truncate(os.path.getsize(f) // 2)
+try:
+  jlora.orbax.load(path, base=frozen)
+except jlora.LoraCheckpointError as e:
+  print("CAUGHT", e)
+gc.collect()
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        cwd=os.path.dirname(__file__))
+  assert proc.stdout.startswith("CAUGHT checkpoint"), proc.stdout + proc.stderr
+  assert proc.stderr == "", proc.stderr

@@ -23,10 +23,12 @@ import jax
 from jlora import _atomic
 from jlora.errors import LoraCheckpointError
 from jlora.spec import LoraSpec
-from jlora.orbax import encoding, names, payload, validation
+from jlora.orbax import encoding, manifest, names, payload, validation
 from jlora.orbax import restore as restore_lib
 
 PathLike = str | os.PathLike
+# Directories whose adapter load() reads: adapters and CheckpointManager steps.
+ADAPTER_KINDS = (names.FORMAT, names.TRAIN_FORMAT)
 
 
 def save(path: PathLike, trainable: Any, spec: LoraSpec | None = None, *, base: Any,
@@ -37,9 +39,14 @@ def save(path: PathLike, trainable: Any, spec: LoraSpec | None = None, *, base: 
   scale, layout and dropout, the spec, a SHA-256 of every array and a
   fingerprint of ``base`` (every parameter's path, shape and dtype), so the
   directory is the adapter's bytes plus a few kilobytes whatever the size of
-  the base. The write is atomic: an interrupted save leaves no directory at
-  ``path`` (and, with ``overwrite``, the previous adapter in place until the
-  new one is complete).
+  the base. The directory carries jlora's mark (``jlora_manifest.json``: the
+  size and SHA-256 of every file), which ``load`` verifies before reading.
+
+  The write is atomic: it is staged beside ``path`` and swapped in at once,
+  so a reader finds the previous adapter or the new one, never a mix, even
+  if the process is killed at any point; the next call finishes or cleans
+  up what a killed one left. ``overwrite`` replaces only an adapter jlora
+  wrote, never another directory.
 
   Args:
     path: the directory to create.
@@ -51,14 +58,15 @@ def save(path: PathLike, trainable: Any, spec: LoraSpec | None = None, *, base: 
     base: the frozen part or the full parameters the adapter belongs to
       (concrete or ``jax.ShapeDtypeStruct`` leaves); only its paths, shapes
       and dtypes are recorded.
-    overwrite: replace an existing directory at ``path``.
+    overwrite: replace an existing adapter at ``path`` (one jlora wrote).
 
   Returns:
     The absolute path written.
 
   Raises:
-    LoraCheckpointError: ``path`` exists (without ``overwrite``), or a value
-      cannot be stored.
+    LoraCheckpointError: ``path`` exists (without ``overwrite``, or is not a
+      jlora adapter), a value cannot be stored, or the file system refused
+      (the message names the path and the reason).
     LoraTreeError: ``trainable`` does not belong to ``base``.
     LoraSpecError: ``spec`` gives another rank or scale than the factors.
 
@@ -80,17 +88,26 @@ def save(path: PathLike, trainable: Any, spec: LoraSpec | None = None, *, base: 
                                names.ADAPTER_META: ocp.args.JsonSave(meta)})
   if jax.process_count() > 1:
     # Every host takes part in orbax's save; a rename dance here would race.
+    if _atomic.exists(path) and not _atomic.is_empty_dir(path):
+      if not overwrite:
+        raise LoraCheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
+      if not is_owned(path):
+        raise LoraCheckpointError(f"'{path}' exists and is not a jlora adapter written by "
+                                  f"jlora; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with validation.quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(path, args=args, force=overwrite)
+    if jax.process_index() == 0:
+      manifest.write(path, names.FORMAT)
     return path
 
   def write(staging: pathlib.Path) -> None:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with validation.quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(staging, args=args)
+    manifest.write(staging, names.FORMAT)
 
-  return _atomic.replace(path, write, overwrite=overwrite, what="jlora adapter",
-                         error=LoraCheckpointError)
+  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned,
+                         what="jlora adapter", error=LoraCheckpointError)
 
 
 def load(path: PathLike, *, base: Any) -> tuple[Any, LoraSpec | None]:
@@ -122,12 +139,13 @@ def load(path: PathLike, *, base: Any) -> tuple[Any, LoraSpec | None]:
   Example:
     See ``jlora.orbax.save``.
   """
-  path = pathlib.Path(path).absolute()
+  path = _atomic.resolve(path)
   validation.check_dir(path, names.ADAPTER_META, "jlora adapter")
+  manifest.verify(path, ADAPTER_KINDS)
   restore = validation.checkpointer_restore(path)
   meta = validation.read_json(restore, names.ADAPTER_META, path, names.FORMAT)
   spec = encoding.spec_from_meta(meta, path)
-  return restore_lib.restore_trainable(restore, meta, base, path), spec
+  return restore_lib.restore_trainable(restore, meta, base, path, spec=spec), spec
 
 
 def metadata(path: PathLike) -> dict[str, Any]:
@@ -146,13 +164,11 @@ def metadata(path: PathLike) -> dict[str, Any]:
     >>> jlora.orbax.metadata(d)["base"]["params"]
     [['w', [8, 4], 'float32']]
   """
-  path = pathlib.Path(path).absolute()
+  path = _atomic.resolve(path)
   validation.check_dir(path, names.ADAPTER_META, "jlora adapter")
+  manifest.verify(path, ADAPTER_KINDS)
   return validation.read_json(validation.checkpointer_restore(path), names.ADAPTER_META, path,
-                             names.FORMAT)
-
-
-# -- training checkpoints ---------------------------------------------------------
+                              names.FORMAT)
 
 
 def is_adapter(path: PathLike) -> bool:
@@ -165,3 +181,9 @@ def is_adapter(path: PathLike) -> bool:
     False
   """
   return (pathlib.Path(path) / names.ADAPTER_META).is_dir()
+
+
+def is_owned(path: PathLike) -> bool:
+  """Whether ``path`` is an adapter directory jlora wrote (its manifest says so):
+  the only kind of directory ``save(..., overwrite=True)`` replaces."""
+  return manifest.kind(path) == names.FORMAT

@@ -71,6 +71,8 @@ def adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
       extra_paths.append(path)
   if not out:
     raise LoraCheckpointError("trainable holds no arrays; nothing to save")
+  if spec is not None:
+    check_spec_selects(spec, t_pairs, b_pairs)
   rows = fingerprint.rows(b_pairs, set(extra_paths))
   import jlora  # the version, for the record
   meta = {
@@ -93,6 +95,33 @@ def check_spec_fits(spec: LoraSpec, path: str, lp: LoraParam) -> None:
         f"'{path}': the spec gives rank {spec.rank_for(path)} and scale {scale} but the "
         f"trainable factors have rank {rank} and scale {lp.scale}; pass the spec that "
         f"made them (or spec=None)")
+
+
+def check_spec_selects(spec: LoraSpec, t_pairs, b_pairs) -> None:
+  """The spec's targets must select exactly the adapted paths, and its
+  extra_trainable exactly the weights trained in full, so that the stored
+  spec describes the stored adapter."""
+  for (path, t), (_, w0) in zip(t_pairs, b_pairs):
+    leaf = w0 if w0 is not None else t
+    if leaf is None:
+      continue
+    adapted, full = isinstance(t, LoraParam), t is not None and not isinstance(t, LoraParam)
+    if spec.is_target(path, leaf) != adapted:
+      if adapted:
+        raise LoraSpecError(f"'{path}' has LoRA factors but the spec's targets "
+                            f"{spec.targets!r} do not select it; pass the spec that made "
+                            f"them (or spec=None)")
+      raise LoraSpecError(f"the spec's targets {spec.targets!r} select '{path}', which has no "
+                          f"LoRA factors in trainable; pass the spec that made them (or "
+                          f"spec=None)")
+    if spec.is_extra_trainable(path, leaf) != full:
+      if full:
+        raise LoraSpecError(f"'{path}' is trained in full but the spec's extra_trainable "
+                            f"{spec.extra_trainable!r} does not select it; pass the spec that "
+                            f"made the trainable tree (or spec=None)")
+      raise LoraSpecError(f"the spec's extra_trainable {spec.extra_trainable!r} selects "
+                          f"'{path}', which is not in trainable; pass the spec that made the "
+                          f"trainable tree (or spec=None)")
 
 
 def opt_payload(opt_state: Any) -> tuple[dict[str, jax.Array], list[dict[str, Any]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
@@ -11,13 +12,60 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlora.errors import LoraCheckpointError, LoraTreeError
 from jlora._paths import flatten_with_paths
 from jlora.lora_param import LoraParam
+from jlora.spec import LoraSpec
 from jlora.orbax import arrays, encoding, fingerprint, names, validation
 
 
+def mismatch(meta: dict[str, Any], spec: LoraSpec, selection: bool = True) -> str | None:
+  """How the stored LoRA metadata differs from what ``spec`` gives (the first
+  difference, naming the parameter), or None if every entry follows from it.
+  ``selection``: also check that the spec's selectors pick the stored paths
+  (not for callable selectors, which need the leaves).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> from jlora.orbax import payload
+    >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["w"])
+    >>> frozen, t = jlora.lora_transform({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+    >>> _, meta = payload.adapter_payload(t, spec, frozen)
+    >>> mismatch(meta, spec) is None
+    True
+    >>> mismatch(meta, jlora.LoraSpec(rank=2, alpha=8, targets=["w"]))
+    "'w': rank 2, scale 2.0, dropout 0.0 stored; the spec gives rank 2, scale 4.0, dropout 0.0"
+  """
+  for e in meta["entries"]:
+    path = e["path"]
+    if e["kind"] != "lora":
+      if selection and not spec.is_extra_trainable(path, None):
+        return f"'{path}' is trained in full, but the spec's extra_trainable does not select it"
+      continue
+    if selection and not spec.is_target(path, None):
+      return f"'{path}' has LoRA factors, but the spec's targets do not select it"
+    static = {k: encoding.decode(v) for k, v in e["static"].items()}
+    rank = e["arrays"]["a"]["shape"][-1]
+    want = (spec.rank_for(path), spec.scale_for(path), float(spec.dropout))
+    got = (rank, static.get("scale"), static.get("dropout"))
+    if (want[0] != got[0] or not isinstance(got[1], (int, float))
+        or not math.isclose(want[1], got[1], rel_tol=1e-9) or want[2] != got[2]):
+      return (f"'{path}': rank {got[0]}, scale {got[1]}, dropout {got[2]} stored; the spec "
+              f"gives rank {want[0]}, scale {want[1]}, dropout {want[2]}")
+    override = spec.layout_override(path)
+    if override is not None and override != static.get("layout"):
+      return f"'{path}': layout {static.get('layout')} stored; the spec gives {override}"
+  return None
+
+
 def restore_trainable(restore: validation.RestoreFn, meta: dict[str, Any], base: Any,
-                      path: pathlib.Path, template: Any = None) -> Any:
+                      path: pathlib.Path, template: Any = None,
+                      spec: LoraSpec | None = None) -> Any:
   """The trainable tree of an adapter, checked against ``base``, placed on the
-  shardings derived from it (or from ``template``)."""
+  shardings derived from it (or from ``template``). ``spec``, the stored
+  spec, must agree with every stored scale, rank and dropout."""
+  if spec is not None:
+    problem = mismatch(meta, spec)
+    if problem is not None:
+      raise LoraCheckpointError(f"checkpoint '{path}': its metadata contradicts its own spec: "
+                                f"{problem}; the metadata was edited or damaged")
   b_pairs, b_def = flatten_with_paths(base)
   fingerprint.check_base(meta, b_pairs, f"checkpoint '{path}'")
   index = {p: i for i, (p, _) in enumerate(b_pairs)}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
 
@@ -14,15 +16,37 @@ from jlora.orbax import encoding, names
 RestoreFn = Callable[[Any], Any]  # orbax Composite args -> Composite
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+  """Silences orbax's own log records while jlora calls it: jlora reports
+  what goes wrong as one LoraCheckpointError naming the checkpoint.
+
+  Example:
+    >>> with quiet():
+    ...   logging.getLogger("absl").error("not shown")
+  """
+  loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
 def checkpointer_restore(path: pathlib.Path) -> RestoreFn:
+  """A function restoring orbax Composite args from the checkpoint at ``path``."""
   def restore(args):
     ocp = names.ocp()
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       return ckptr.restore(path, args=args)
   return restore
 
 
 def check_dir(path: pathlib.Path, item: str, what: str) -> None:
+  """Raises LoraCheckpointError unless ``path`` is a directory with ``item/``."""
   if not path.exists():
     raise LoraCheckpointError(f"no {what} at '{path}': it does not exist")
   if not path.is_dir():
@@ -36,6 +60,7 @@ def check_dir(path: pathlib.Path, item: str, what: str) -> None:
 
 
 def read_json(restore: RestoreFn, item: str, path: pathlib.Path, fmt: str) -> dict[str, Any]:
+  """The JSON metadata ``item`` of format ``fmt``, validated field by field."""
   ocp = names.ocp()
   try:
     meta = restore(ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]

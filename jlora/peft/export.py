@@ -6,18 +6,20 @@ import collections
 import json
 import math
 import os
+import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from jlora import _atomic
 from jlora.errors import LoraPeftError
 from jlora._paths import flatten_with_paths
 from jlora.lora_param import LoraParam
 from jlora.spec import LoraSpec
 from jlora.peft import config as peft_config
-from jlora.peft import names
+from jlora.peft import mark, names
 from jlora.peft.axes import factors_to_torch
 from jlora.peft.rules import Rules, RulesLike, as_rules
 
@@ -62,11 +64,13 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
          base_model_name_or_path: str | None = None,
          target_modules: Sequence[str] | str | None = None,
          task_type: str | None = None, dtype: Any = None,
-         extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+         extra_config: Mapping[str, Any] | None = None,
+         overwrite: bool = False) -> dict[str, Any]:
   """Writes ``trainable``'s adapters as a PEFT LoRA adapter folder.
 
   Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as
-  ``PeftModel.save_pretrained`` does, so that
+  ``PeftModel.save_pretrained`` does (plus jlora's checksums in the
+  safetensors metadata, which ``jlora.peft.load`` verifies), so that
   ``PeftModel.from_pretrained(torch_base_model, path)`` (and readers of the
   format such as vLLM) load it. Each adapted weight becomes
   ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
@@ -77,6 +81,10 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   as PEFT ``modules_to_save`` under their PyTorch names, which requires
   every parameter of their module to be trained in full.
 
+  The folder is written atomically: staged beside ``path`` and swapped in,
+  so a reader finds the old folder or the new one, never a config of one
+  with the tensors of the other, even if the process is killed.
+
   ``lora_alpha`` is recovered from each ``LoraParam.scale``: ``scale * r``,
   or ``scale * sqrt(r)`` with rsLoRA. Whether rsLoRA was used is not stored
   in a ``LoraParam``; it comes from ``use_rslora``, else ``spec.use_rslora``,
@@ -86,7 +94,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   keyed by their escaped full module name.
 
   Args:
-    path: folder to write (created if needed; the two files are replaced).
+    path: the folder to write (created; an existing empty folder is used).
     trainable: the trainable tree from ``jlora.lora_transform`` (or
       ``jlora.peft.load``), possibly trained.
     rules: how parameter paths name PyTorch modules: a ``jlora.peft.Rules``
@@ -102,14 +110,16 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
     task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``...), recorded as is.
     dtype: cast the tensors to this dtype (default: as stored).
     extra_config: more keys for ``adapter_config.json`` (written last).
+    overwrite: replace an existing folder at ``path`` (one jlora wrote).
 
   Returns:
     The config written to ``adapter_config.json``.
 
   Raises:
     LoraPeftError: a parameter has no module name, two map to one module,
-      the stack axes and the rules disagree, or the tree holds something
-      PEFT's format cannot express.
+      the stack axes and the rules disagree, the tree holds something
+      PEFT's format cannot express, ``path`` exists (without ``overwrite``,
+      or is not a folder jlora wrote), or the file system refused.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -278,9 +288,14 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   peft_config.check(config, "jlora.peft.save config")
 
   from safetensors.numpy import save_file
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, names.CONFIG_NAME), "w") as f:
-    f.write(json.dumps(config, indent=2, sort_keys=True))
-  save_file(tensors, os.path.join(directory, names.WEIGHTS_NAME),
-            metadata=dict(names.SAFETENSORS_METADATA))
+  st_metadata = mark.metadata(config, tensors)
+
+  def write(folder: pathlib.Path) -> None:
+    folder.mkdir()
+    with open(folder / names.CONFIG_NAME, "w") as f:
+      f.write(json.dumps(config, indent=2, sort_keys=True))
+    save_file(tensors, os.fspath(folder / names.WEIGHTS_NAME), metadata=st_metadata)
+
+  _atomic.replace(directory, write, overwrite=overwrite, owned=mark.is_owned,
+                  what="PEFT folder", error=LoraPeftError)
   return config

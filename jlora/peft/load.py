@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _atomic
 from jlora.errors import LoraPeftError, LoraSpecError
 from jlora._paths import flatten_with_paths
 from jlora.layout import Layout
@@ -26,7 +27,7 @@ from jlora.lora_param import LoraParam
 from jlora.spec import LoraSpec
 from jlora.transform import resolve_layout
 from jlora.peft import config as peft_config
-from jlora.peft import names
+from jlora.peft import mark, names
 from jlora.peft.axes import factors_from_torch
 from jlora.peft.rules import Rules, RulesLike, as_rules
 
@@ -62,6 +63,7 @@ class _Entry:
 
 
 def _read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  path = os.fspath(_atomic.resolve(path))
   if not os.path.isdir(path):
     raise LoraPeftError(f"'{path}' is not a folder (expected a PEFT adapter folder with "
                         f"{names.CONFIG_NAME} and {names.WEIGHTS_NAME})")
@@ -77,11 +79,15 @@ def _read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
           f"'{path}' holds {names.PICKLE_NAME}, a pickle, which jlora never reads (it can "
           f"run code). Re-save it in PEFT with safe_serialization=True")
     raise LoraPeftError(f"'{path}' has no {names.WEIGHTS_NAME}")
-  from safetensors.numpy import load_file
+  from safetensors import safe_open
   try:
-    tensors = load_file(weights)
+    with safe_open(weights, "numpy") as f:
+      meta = f.metadata()
+      tensors = {key: f.get_tensor(key) for key in f.keys()}
   except Exception as e:  # safetensors raises its own error types
-    raise LoraPeftError(f"'{weights}' is not a readable safetensors file: {e}") from None
+    raise LoraPeftError(f"'{weights}' is not a readable safetensors file: "
+                        f"{' '.join(str(e).split())}") from None
+  mark.check(config, tensors, meta, path)
   return config, tensors
 
 
