@@ -85,6 +85,9 @@ def _adapter_kind(path: PathLike) -> str:
 # -- PEFT name rules and layouts ----------------------------------------------------
 
 
+_KERNEL_ORDERS = {"in-out": "in_out", "out-in": "out_in", "unknown": None}
+
+
 def _rules(args: argparse.Namespace):
   name = args.rules
   renames = {}
@@ -92,7 +95,7 @@ def _rules(args: argparse.Namespace):
     flax, sep, torch = item.partition("=")
     if not sep or not flax or not torch:
       raise LoraFileError(f"--rename expects FLAX=TORCH (e.g. query=self_attn.q_proj), got "
-                     f"{item!r}")
+                          f"{item!r}")
     renames[flax] = torch
   scanned_only = {"--stack": args.stack, "--prefix": args.prefix,
                   "--rename": renames or None}
@@ -100,15 +103,21 @@ def _rules(args: argparse.Namespace):
     for flag, value in scanned_only.items():
       if value is not None:
         raise LoraFileError(f"{flag} goes with --rules scanned, not --rules {name}")
+  if name != "generic" and name != "scanned" and args.fan_in_fan_out:
+    raise LoraFileError(f"--fan-in-fan-out: --rules {name} already knows which modules "
+                        f"store (in, out) weights")
+  order = {} if args.kernel_order is None else {"kernel_order": _KERNEL_ORDERS[args.kernel_order]}
   if name == "gpt2":
-    if args.fan_in_fan_out:
-      raise LoraFileError("--fan-in-fan-out: --rules gpt2 already knows GPT-2's Conv1D modules")
-    return peft.Rules.gpt2()
+    return peft.Rules.gpt2(**order)
+  if name in ("llama", "bert"):
+    if order:
+      raise LoraFileError(f"--kernel-order: --rules {name} knows its kernels are (in, out)")
+    return getattr(peft.Rules, name)()
   if name == "scanned":
     return peft.Rules.scanned(
         stack=args.stack or "params/layers", prefix=args.prefix or "model.layers",
-        renames=renames, fan_in_fan_out=bool(args.fan_in_fan_out))
-  return peft.Rules.generic(fan_in_fan_out=bool(args.fan_in_fan_out))
+        renames=renames, fan_in_fan_out=bool(args.fan_in_fan_out), **order)
+  return peft.Rules.generic(fan_in_fan_out=bool(args.fan_in_fan_out), **order)
 
 
 def _parse_layouts(items: Sequence[str] | None) -> dict[str, Layout]:
@@ -378,11 +387,12 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show the full traceback of an error")
   rules = argparse.ArgumentParser(add_help=False)
-  rules.add_argument("--rules", choices=["generic", "gpt2", "scanned"], default="generic",
+  rules.add_argument("--rules", choices=["generic", "gpt2", "llama", "bert", "scanned"],
+                     default="generic",
                      help="how Flax parameter paths name PyTorch modules (PEFT): generic "
-                          "('/' -> '.', leaf and a leading 'params' dropped), gpt2 "
-                          "(Hugging Face GPT-2, Conv1D modules), scanned (an nn.scan stack, "
-                          "one module per layer)")
+                          "('/' -> '.', leaf and a leading 'params' dropped), gpt2, llama "
+                          "(also Mistral), bert (transformers' own Flax models), scanned (an "
+                          "nn.scan stack, one module per layer)")
   rules.add_argument("--stack", help="scanned: the stacked Flax path (default params/layers)")
   rules.add_argument("--prefix", help="scanned: the PyTorch layer list (default model.layers)")
   rules.add_argument("--rename", action="append", metavar="FLAX=TORCH",
@@ -391,6 +401,11 @@ def _parser() -> argparse.ArgumentParser:
   rules.add_argument("--fan-in-fan-out", action="store_true",
                      help="generic/scanned: the PyTorch modules store weights (in, out) "
                           "(Conv1D)")
+  rules.add_argument("--kernel-order", choices=list(_KERNEL_ORDERS),
+                     help="how the base stores its 2-D kernels: in-out (Flax's Dense; the "
+                          "default of generic and scanned), out-in (PyTorch-style: Equinox, "
+                          "transformers' Flax GPT-2; the default of gpt2), or unknown (the "
+                          "adapter's shapes must tell; a square kernel is refused)")
   rules.add_argument("--layout", action="append", metavar="REGEX=IN:OUT[:STACK]",
                      help="reading a PEFT folder: the layout of the weights whose path "
                           "matches REGEX, axes comma-separated (e.g. "

@@ -9,6 +9,8 @@ check what it leaves behind):
                         write and its finalize (the rename)
   hang_adapter AD       save adapter AD, then overwrite it, stopping likewise
   big_save DIR          save step 1, then a large step 2 (the test kills it mid-write)
+  no_close DIR          start an async save of a large step 1 and exit normally, without
+                        waiting for it or closing the manager
 """
 
 from __future__ import annotations
@@ -186,7 +188,15 @@ def _big_save(directory):
   print("SAVED 2", flush=True)
 
 
+def _no_close(directory):
+  _, frozen, trainable, tx, opt_state = problem()
+  mngr = jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC)
+  big = (opt_state, np.random.default_rng(0).standard_normal((1024, 1024), np.float32))
+  mngr.save(1, shifted(trainable, 1.0), big)
+  print("STARTED", flush=True)   # and the interpreter exits
+
+
 if __name__ == "__main__":
   mode, *rest = sys.argv[1:]
   {"resume": _resume, "mesh8": _mesh8, "hang_manager": _hang_manager,
-   "hang_adapter": _hang_adapter, "big_save": _big_save}[mode](*rest)
+   "hang_adapter": _hang_adapter, "big_save": _big_save, "no_close": _no_close}[mode](*rest)

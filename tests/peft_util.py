@@ -18,6 +18,9 @@ from gpt2_flax import GPT2Config, GPT2LMHeadModel, config_from_hf, make_tiny_tor
 from models import LinenLM, LMConfig
 
 PREFIX = "base_model.model."
+# gpt2_flax.py stores GPT-2's Conv1D kernels (in, out), as nn.Dense does; the
+# ready-made Rules.gpt2() is for transformers' own Flax GPT-2, which stores them (out, in).
+PORT_RULES = jlora.peft.Rules.gpt2(kernel_order="in_out")
 TARGETS = r".*/(c_attn|c_proj|c_fc)/kernel"
 
 
@@ -108,7 +111,7 @@ def make_tiny(folder):
   params = random_params(GPT2LMHeadModel(cfg).init, jnp.zeros((1, 4), jnp.int32))
   spec = jlora.LoraSpec(rank=4, alpha=8, targets=r".*/(c_attn|c_proj)/kernel")
   frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
-  jlora.peft.save(folder, perturb(trainable, 0), jlora.peft.Rules.gpt2(), spec=spec)
+  jlora.peft.save(folder, perturb(trainable, 0), PORT_RULES, spec=spec)
   return params, spec, trainable, folder
 
 

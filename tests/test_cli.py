@@ -283,7 +283,16 @@ def bad(setup):
   for f in (garbled / "adapter_meta").rglob("*"):
     if f.is_file():
       f.write_text("{not json")
-  return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled)
+  user = tmp / "user"                                  # someone's project
+  (user / "src").mkdir(parents=True)
+  (user / "src" / "train.py").write_text("print('mine')")
+  truncated = tmp / "truncated"
+  shutil.copytree(setup["adapter"], truncated)
+  for f in sorted((truncated / "adapter").rglob("*")):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled, user=user,
+              truncated=truncated)
 
 
 ERRORS = {
@@ -325,7 +334,7 @@ ERRORS = {
     "missing --out": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["adapter"]],
                       ["--out"]),
     "bad --rules": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c4", "--to", "peft",
-                                  "--rules", "llama"], ["--rules", "invalid choice"]),
+                                  "--rules", "t5"], ["--rules", "invalid choice"]),
     "bad --to": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c5", "--to", "onnx"],
                  ["--to"]),
     "bad --layout": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["peft"],
@@ -337,6 +346,30 @@ ERRORS = {
     "bad --format for out": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
                                            s["adapter"], "--out", b["tmp"] / "o9",
                                            "--format", "safetensors"], [".safetensors"]),
+    # --overwrite never replaces an input, nor what jlora did not write (issue 10 item 1).
+    "--out is the adapter": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                           s["adapter"], "--out", s["adapter"], "--overwrite"],
+                             ["is the input --adapter", "never replaces an input"]),
+    "--out is the base": (lambda s, b: ["merge", "--base", s["base_st"], "--adapter",
+                                        s["adapter"], "--out", s["base_st"], "--overwrite"],
+                          ["is the input --base"]),
+    "--out holds the inputs": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                             s["adapter"], "--out", s["tmp"], "--overwrite"],
+                               ["contains the input --base"]),
+    "--out inside an input": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                            s["adapter"], "--out",
+                                            s["adapter"] / "merged.safetensors"],
+                              ["lies inside the input --adapter"]),
+    "--out is a user's folder": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                               s["adapter"], "--out", b["user"], "--overwrite"],
+                                 ["is not a base written by jlora", "refusing to replace it"]),
+    "convert onto its source": (lambda s, b: ["convert", s["adapter"], s["adapter"], "--to",
+                                              "peft", "--overwrite"], ["is the input SRC"]),
+    "convert onto a user's folder": (lambda s, b: ["convert", s["adapter"], b["user"], "--to",
+                                                   "peft", "--overwrite", *SCANNED],
+                                     ["is not a PEFT folder written by jlora"]),
+    "inspect a corrupted adapter": (lambda s, b: ["inspect", b["truncated"]],
+                                    ["is corrupted", "truncated"]),
 }
 
 
@@ -345,6 +378,19 @@ def test_errors_are_one_line(setup, bad, capsys, case):
   make_argv, fragments = ERRORS[case]
   rc, out, err = run(capsys, *make_argv(setup, bad))
   assert_one_line_error(rc, out, err, *fragments)
+  assert (bad["user"] / "src" / "train.py").read_text() == "print('mine')"
+  assert jlora.orbax.metadata(setup["adapter"])["format"] == "jlora.adapter"
+
+
+def test_inspect_of_a_corrupted_adapter_prints_one_line(setup, bad):
+  """No orbax log records nor asyncio tracebacks, in a fresh process either."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "jlora", "inspect", str(bad["truncated"])],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 1 and proc.stdout == ""
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jlora: error: checkpoint "), proc.stderr
+  assert "is corrupted" in lines[0]
 
 
 def test_unexpected_errors_show_a_traceback_only_with_debug(setup, capsys, monkeypatch):

@@ -147,3 +147,97 @@ def test_killed_mid_write_keeps_the_last_checkpoint(tmp_path):
     assert mngr.save(2, trainable, opt_state)
   assert not tmp.exists()            # the manager cleaned up the interrupted save
   assert sorted(os.listdir(ckpt)) == ["1", "2"]
+
+
+# -- file safety (issue 10) --------------------------------------------------------------
+
+
+def test_saving_an_existing_or_older_step_raises_or_overwrites(tmp_path):
+  """Issue 10 item 3: after restoring an earlier step and training on, a save
+  must not silently write nothing."""
+  _, frozen, trainable, tx, opt_state = cw.problem()
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen, spec=cw.SPEC) as mngr:
+    for step in (2, 4):
+      assert mngr.save(step, cw.shifted(trainable, step), opt_state)
+    with pytest.raises(jlora.LoraCheckpointError,
+                       match=r"step 3 is older than the latest step 4 .* overwrite=True"):
+      mngr.save(3, cw.shifted(trainable, 3.0), opt_state)
+    with pytest.raises(jlora.LoraCheckpointError, match="step 4 already exists"):
+      mngr.save(4, cw.shifted(trainable, 3.0), opt_state)
+    assert mngr.save(3, cw.shifted(trainable, 3.0), opt_state, overwrite=True)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 3]                 # the abandoned step 4 is gone
+    got = mngr.restore(opt_state=opt_state)
+    assert got.step == 3
+    assert_trees_equal(got.trainable, cw.shifted(trainable, 3.0))
+
+
+def test_an_async_save_is_finished_at_exit_without_close(tmp_path):
+  """Issue 10 item 4: a program that exits normally without close() keeps its
+  last checkpoint."""
+  out = run_worker("no_close", tmp_path)
+  assert "STARTED" in out
+  _, frozen, trainable, tx, opt_state = cw.problem()
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:
+    assert mngr.all_steps() == [1]
+    big = (opt_state, np.zeros((1024, 1024), np.float32))
+    got = mngr.restore(opt_state=big)
+  assert_trees_equal(got.trainable, cw.shifted(trainable, 1.0))
+
+
+def test_a_manager_with_another_spec_refuses_to_restore(tmp_path):
+  """Issue 10 item 12: restoring with another spec must not silently return
+  the stored scale."""
+  _, frozen, trainable, tx, opt_state = cw.problem()
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen, spec=cw.SPEC) as mngr:
+    mngr.save(1, trainable, opt_state)
+  other = dataclasses.replace(cw.SPEC, alpha=16)
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen, spec=other) as mngr:
+    with pytest.raises(jlora.LoraCheckpointError,
+                       match=r"saved with another spec .* 'l1/kernel': rank 4, scale 2.0, "
+                             r"dropout 0.1 stored; the spec gives rank 4, scale 4.0"):
+      mngr.restore(opt_state=opt_state)
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:   # no spec: the stored one
+    assert mngr.restore(opt_state=opt_state).trainable["l1"]["kernel"].scale == 2.0
+
+
+def test_half_deleted_steps_are_not_listed(tmp_path):
+  """Issue 10 item 13: a step left half-deleted (a kill during max_to_keep's
+  cleanup, by orbax's own deletion) is not listed as complete, and what a
+  killed jlora cleanup left in .jlora-deleted is emptied by the next manager."""
+  _, frozen, trainable, tx, opt_state = cw.problem()
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen, max_to_keep=None) as mngr:
+    for step in (1, 2, 3):
+      mngr.save(step, cw.shifted(trainable, step), opt_state)
+  for f in sorted((tmp_path / "1" / "adapter").rglob("*"))[:3]:   # orbax's rmtree, killed
+    if f.is_file():
+      f.unlink()
+  (tmp_path / ".jlora-deleted" / "0" / "adapter").mkdir(parents=True)
+  (tmp_path / ".jlora-deleted" / "0" / "adapter" / "x").write_text("half deleted")
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:
+    assert mngr.all_steps() == [2, 3]
+    assert mngr.restore(opt_state=opt_state).step == 3
+  assert not (tmp_path / ".jlora-deleted").exists()
+
+
+def test_a_damaged_latest_step_names_the_good_ones(tmp_path):
+  """Issue 10 item 13: restore names the older steps that verify, and
+  fall_back=True restores the latest of them, with a warning."""
+  _, frozen, trainable, tx, opt_state = cw.problem()
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen, max_to_keep=None) as mngr:
+    for step in (1, 2, 3):
+      mngr.save(step, cw.shifted(trainable, step), opt_state)
+  meta = tmp_path / "3" / "adapter_meta" / "metadata"
+  meta.write_bytes(meta.read_bytes().replace(b'"scale": 2.0', b'"scale": 9.0'))
+  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:
+    assert mngr.all_steps() == [1, 2, 3]
+    with pytest.raises(jlora.LoraCheckpointError,
+                       match=r"'adapter_meta/metadata' is corrupted .* the older steps \[1, 2\] "
+                             r"verify: restore\(step=2, ...\) or restore\(..., fall_back=True\)"):
+      mngr.restore(opt_state=opt_state)
+    with pytest.warns(UserWarning, match=r"skipped damaged checkpoint steps \[3\]"):
+      got = mngr.restore(opt_state=opt_state, fall_back=True)
+    assert got.step == 2
+    assert_trees_equal(got.trainable, cw.shifted(trainable, 2.0))
+    with pytest.raises(jlora.LoraCheckpointError, match="is corrupted"):
+      mngr.restore(3, opt_state=opt_state)

@@ -86,3 +86,63 @@ def test_multi_axis_layouts_flatten_in_weight_axis_order(tmp_path):
   np.testing.assert_array_equal(np.asarray(ad.trainable["mix"]["kernel"].a),
                                 np.asarray(trainable["mix"]["kernel"].a))
   assert ad.spec.layout_override("mix/kernel") == layout
+
+
+# -- kernels stored (out, in) (issue 10 item 9) -------------------------------------------
+
+
+def _out_in_model(d_in=6, d_out=6, head=(3, 6)):
+  """An Equinox-style model: every Linear weight stored (out, in), used as x @ w.T."""
+  rng = np.random.default_rng(0)
+  params = {"fc": {"weight": jnp.asarray(rng.standard_normal((d_out, d_in)), jnp.float32)},
+            "head": {"weight": jnp.asarray(rng.standard_normal(head), jnp.float32)}}
+  fn = lambda p, x: (x @ p["fc"]["weight"].T) @ p["head"]["weight"].T  # noqa: E731
+  return params, fn
+
+
+def test_out_in_kernels_are_never_guessed(tmp_path):
+  """A square (out, in) kernel cannot be told apart from an (in, out) one by
+  its shape: with rules that do not know (kernel_order=None) it is refused,
+  naming it; the model function (infer_layouts) or the rules' kernel_order
+  says which, and then the round trip is exact, modules_to_save included."""
+  params, fn = _out_in_model()
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 6)), jnp.float32)
+  layouts = jlora.infer_layouts(fn, params, x)
+  assert layouts["fc/weight"] == jlora.Layout((1,), (0,))
+  spec = jlora.LoraSpec(rank=2, targets=["fc/weight"], extra_trainable=["head/weight"],
+                        layouts={"fc/weight": layouts["fc/weight"]})
+  frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+  trainable = perturb(trainable, 0, std=0.3)
+  unknown = jlora.peft.Rules(kernel_leaves=("weight",), kernel_order=None)
+  with pytest.raises(jlora.LoraLayoutError, match=r"'head/weight' is trained in full, and "
+                                                  r"nothing says.*infer_layouts"):
+    jlora.peft.save(tmp_path / "a", trainable, unknown)      # the spec knows fc, not head
+  jlora.peft.save(tmp_path / "a", trainable, unknown, spec=spec, layouts=layouts)
+  sd = load_file(os.path.join(tmp_path / "a", "adapter_model.safetensors"))
+  # nn.Linear stores (out, in), as this model does: no transpose.
+  np.testing.assert_array_equal(sd[PREFIX + "head.weight"], np.asarray(trainable["head"]["weight"]))
+  with pytest.raises(jlora.LoraLayoutError, match=r"'fc/weight' \(6, 6\): cannot tell whether "
+                                                  r"this square kernel.*--layout"):
+    jlora.peft.load(tmp_path / "a", params, unknown)
+  for rules, kw in ((unknown, dict(layouts=layouts)),
+                    (jlora.peft.Rules(kernel_leaves=("weight",), kernel_order="out_in"), {})):
+    ad = jlora.peft.load(tmp_path / "a", params, rules, **kw)
+    assert ad.trainable["fc"]["weight"].layout == jlora.Layout((1,), (0,))
+    np.testing.assert_array_equal(np.asarray(ad.trainable["head"]["weight"]),
+                                  np.asarray(trainable["head"]["weight"]))
+    np.testing.assert_allclose(jlora.lora(fn)(ad.frozen, ad.trainable, x),
+                               jlora.lora(fn)(frozen, trainable, x), atol=1e-6)
+  # The Flax convention, declared: the square kernel read (in, out) is what the
+  # rules say; a non-square (out, in) one contradicts them and is refused.
+  wide, fn2 = _out_in_model(d_in=6, d_out=4, head=(3, 4))
+  spec2 = jlora.LoraSpec(rank=2, targets=["fc/weight"],
+                         layouts={"fc/weight": jlora.Layout((1,), (0,))})
+  _, t2 = jlora.lora_transform(wide, spec2, key=jax.random.key(0))
+  jlora.peft.save(tmp_path / "b", t2, unknown, spec=spec2)
+  flax_rules = jlora.peft.Rules(kernel_leaves=("weight",))       # kernel_order "in_out"
+  with pytest.raises(jlora.LoraPeftError, match=r"fit 'fc/weight' \(4, 6\) only if it is "
+                                                r"stored \(out, in\), but the rules say "
+                                                r"kernel_order='in_out'"):
+    jlora.peft.load(tmp_path / "b", wide, flax_rules)
+  ad = jlora.peft.load(tmp_path / "b", wide, unknown)              # the shapes tell
+  assert ad.trainable["fc"]["weight"].layout == jlora.Layout((1,), (0,))

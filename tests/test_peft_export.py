@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import jlora
-from peft_util import PREFIX, make_tiny, perturb
+from peft_util import PORT_RULES, PREFIX, make_tiny, perturb
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_linear_modules_to_save_are_transposed(tmp_path):
 
 def test_export_errors(tiny, tmp_path):
   params, spec, trainable, _ = tiny
-  gpt2 = jlora.peft.Rules.gpt2()
+  gpt2 = PORT_RULES
   with pytest.raises(jlora.LoraPeftError, match="'params/transformer/h/0/attn/c_attn/kernel': the rules give no"):
     jlora.peft.save(tmp_path, trainable, lambda path: None)
   with pytest.raises(jlora.LoraPeftError, match="both map to PyTorch module 'x'"):

@@ -12,13 +12,14 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 import jlora
 from gpt2_flax import make_tiny_torch_gpt2
-from peft_util import (PREFIX, TARGETS, flax_gpt2, jlora_logits, make_ids, load_in_peft,
+from peft_util import (PORT_RULES, PREFIX, TARGETS, flax_gpt2, jlora_logits, load_in_peft, make_ids,
                        peft_adapter, perturb, pt_modules, torch_logits)
 
 
@@ -40,7 +41,7 @@ def test_peft_adapter_loads_with_same_logits(pt, tmp_path):
   expected = torch_logits(torch, tmodel, ids)
   assert np.max(np.abs(expected - base_logits)) > 0.05  # the adapter matters
 
-  ad = jlora.peft.load(tmp_path, params, jlora.peft.Rules.gpt2())
+  ad = jlora.peft.load(tmp_path, params, PORT_RULES)
   got = jlora_logits(model, ad.frozen, ad.trainable, ids)
   assert np.max(np.abs(got - expected)) < 1e-4
 
@@ -65,7 +66,7 @@ def test_rslora_and_patterns_from_peft_and_back(pt, tmp_path):
                          rank_pattern={"h.1.mlp.c_fc": 2}, alpha_pattern={"h.0.attn.c_attn": 16})
   expected = torch_logits(torch, tmodel, ids)
 
-  ad = jlora.peft.load(tmp_path / "peft", params, jlora.peft.Rules.gpt2())
+  ad = jlora.peft.load(tmp_path / "peft", params, PORT_RULES)
   h = ad.trainable["params"]["transformer"]["h"]
   assert h["1"]["mlp"]["c_fc"]["kernel"].rank == 2
   assert h["1"]["mlp"]["c_fc"]["kernel"].scale == pytest.approx(8 / np.sqrt(2))
@@ -75,10 +76,10 @@ def test_rslora_and_patterns_from_peft_and_back(pt, tmp_path):
   got = jlora_logits(model, ad.frozen, ad.trainable, ids)
   assert np.max(np.abs(got - expected)) < 1e-4
 
-  config = jlora.peft.save(tmp_path / "jlora", ad.trainable, jlora.peft.Rules.gpt2(), spec=ad.spec)
+  config = jlora.peft.save(tmp_path / "jlora", ad.trainable, PORT_RULES, spec=ad.spec)
   assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 8, True)
-  assert config["rank_pattern"] == {re.escape("transformer.h.1.mlp.c_fc"): 2}
-  assert config["alpha_pattern"] == {re.escape("transformer.h.0.attn.c_attn"): 16}
+  assert config["rank_pattern"] == {"^" + re.escape("transformer.h.1.mlp.c_fc"): 2}
+  assert config["alpha_pattern"] == {"^" + re.escape("transformer.h.0.attn.c_attn"): 16}
   back = load_in_peft(torch, peft, tmp_path / "jlora", seed=1)
   assert np.max(np.abs(torch_logits(torch, back, ids) - expected)) < 1e-4
 
@@ -96,7 +97,7 @@ def test_jlora_adapter_loads_in_peft(pt, tmp_path):
   ids = make_ids(2)
   ours = jlora_logits(model, frozen, trainable, ids)
 
-  config = jlora.peft.save(tmp_path, trainable, jlora.peft.Rules.gpt2(), spec=spec,
+  config = jlora.peft.save(tmp_path, trainable, PORT_RULES, spec=spec,
                            base_model_name_or_path="tiny-gpt2")
   assert sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
   assert config["modules_to_save"] == ["transformer.ln_f"]
@@ -134,17 +135,17 @@ def test_rslora_and_patterns_to_peft(pt, tmp_path):
                         rank_pattern={"h/0/mlp/c_proj/kernel": 2}, alpha_pattern={"c_attn/kernel": 3})
   frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(1))
   trainable = perturb(trainable, 1)
-  config = jlora.peft.save(tmp_path, trainable, jlora.peft.Rules.gpt2(), spec=spec)
+  config = jlora.peft.save(tmp_path, trainable, PORT_RULES, spec=spec)
   assert config["use_rslora"] and (config["r"], config["lora_alpha"]) == (4, 8)
-  assert config["rank_pattern"] == {re.escape("transformer.h.0.mlp.c_proj"): 2}
-  assert config["alpha_pattern"] == {re.escape(f"transformer.h.{i}.attn.c_attn"): 3 for i in range(2)}
+  assert config["rank_pattern"] == {"^" + re.escape("transformer.h.0.mlp.c_proj"): 2}
+  assert config["alpha_pattern"] == {"^" + re.escape(f"transformer.h.{i}.attn.c_attn"): 3 for i in range(2)}
   ids = make_ids(3)
   theirs = torch_logits(torch, load_in_peft(torch, peft, tmp_path, seed=3), ids)
   assert np.max(np.abs(jlora_logits(model, frozen, trainable, ids) - theirs)) < 1e-4
 
   # Without the spec, rsLoRA is unknown: alpha is written for plain LoRA and
   # PEFT still computes the same scale.
-  plain = jlora.peft.save(tmp_path / "plain", trainable, jlora.peft.Rules.gpt2())
+  plain = jlora.peft.save(tmp_path / "plain", trainable, PORT_RULES)
   assert not plain["use_rslora"] and (plain["r"], plain["lora_alpha"]) == (4, 16)
   theirs = torch_logits(torch, load_in_peft(torch, peft, tmp_path / "plain", seed=3), ids)
   assert np.max(np.abs(jlora_logits(model, frozen, trainable, ids) - theirs)) < 1e-4
@@ -157,9 +158,68 @@ def test_some_layers_only_writes_full_module_names(pt, tmp_path):
   spec = jlora.LoraSpec(rank=4, alpha=8, targets=r".*/h/0/attn/c_attn/kernel")
   frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(2))
   trainable = perturb(trainable, 2)
-  config = jlora.peft.save(tmp_path, trainable, jlora.peft.Rules.gpt2(), spec=spec)
+  config = jlora.peft.save(tmp_path, trainable, PORT_RULES, spec=spec)
   # "c_attn" alone would also select layer 1's c_attn, which has no factors.
   assert config["target_modules"] == ["transformer.h.0.attn.c_attn"]
   ids = make_ids(4)
   theirs = torch_logits(torch, load_in_peft(torch, peft, tmp_path, seed=4), ids)
   assert np.max(np.abs(jlora_logits(model, frozen, trainable, ids) - theirs)) < 1e-4
+
+
+# -- rank_pattern / alpha_pattern keys are anchored (issue 10 item 6) -----------------
+
+
+def _nested_net(torch):
+  class Net(torch.nn.Module):
+    """Modules 'fc' and 'block.fc': an unanchored key for 'fc' also picks 'block.fc'."""
+
+    def __init__(self):
+      super().__init__()
+      torch.manual_seed(0)
+      self.fc = torch.nn.Linear(8, 8)
+      self.block = torch.nn.Module()
+      self.block.fc = torch.nn.Linear(8, 8)
+      self.block.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+      return self.block.out(torch.relu(self.block.fc(torch.relu(self.fc(x)))))
+  return Net
+
+
+def test_pattern_keys_apply_to_their_own_module_in_peft(pt, tmp_path):
+  torch, peft = pt
+  Net = _nested_net(torch)
+  sd = {k: v.numpy() for k, v in Net().state_dict().items()}
+  params = {m: {"kernel": jnp.asarray(sd[f"{m.replace('/', '.')}.weight"].T),
+                "bias": jnp.asarray(sd[f"{m.replace('/', '.')}.bias"])}
+            for m in ("fc", "block/fc", "block/out")}
+  params = {"fc": params["fc"], "block": {"fc": params["block/fc"], "out": params["block/out"]}}
+
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["fc"]["kernel"] + p["fc"]["bias"])
+    h = jax.nn.relu(h @ p["block"]["fc"]["kernel"] + p["block"]["fc"]["bias"])
+    return h @ p["block"]["out"]["kernel"] + p["block"]["out"]["bias"]
+
+  spec = jlora.LoraSpec(rank=4, alpha=16, targets=r"(block/)?(fc|out)/kernel",
+                        rank_pattern={"^fc/kernel": 2}, alpha_pattern={"^fc/kernel": 4,
+                                                                     "block/out/kernel": 8})
+  frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+  trainable = perturb(trainable, 5, std=0.3)
+  assert trainable["fc"]["kernel"].rank == 2 and trainable["block"]["fc"]["kernel"].rank == 4
+  config = jlora.peft.save(tmp_path, trainable, jlora.peft.Rules.generic(), spec=spec)
+  assert config["rank_pattern"] == {"^fc": 2}
+  assert config["alpha_pattern"] == {"^block\\.out": 8, "^fc": 4}
+  model = peft.PeftModel.from_pretrained(Net(), tmp_path).eval()
+  ranks = {n: p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+  assert ranks == {"base_model.model.fc.lora_A.default.weight": 2,
+                   "base_model.model.block.fc.lora_A.default.weight": 4,
+                   "base_model.model.block.out.lora_A.default.weight": 4}
+  x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(x)).numpy()
+  ours = np.asarray(jlora.lora(fn)(frozen, trainable, jnp.asarray(x)))
+  assert np.max(np.abs(ours - np.asarray(fn(params, x)))) > 0.05
+  np.testing.assert_allclose(theirs, ours, atol=1e-5)
+  back = jlora.peft.load(tmp_path, params, jlora.peft.Rules.generic())
+  assert back.trainable["block"]["fc"]["kernel"].scale == 4.0
+  assert back.trainable["fc"]["kernel"].scale == 2.0

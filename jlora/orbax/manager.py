@@ -55,9 +55,14 @@ def _write_pending_manifests(directory: pathlib.Path) -> None:
       manifest.write(tmp, names.TRAIN_FORMAT)
 
 
-def _finish_at_exit(mngr: Any, directory: pathlib.Path) -> None:
+def _finish_at_exit(holder: list, directory: pathlib.Path) -> None:
   """At interpreter exit: writes out a background save the program did not
-  wait for, or says loudly that it could not."""
+  wait for (``holder[0]``, the orbax manager, until ``close``), or says loudly
+  that it could not."""
+  mngr = holder[0]
+  if mngr is None:
+    return
+  holder[0] = None
   try:
     with validation.quiet():
       mngr.wait_until_finished()
@@ -66,6 +71,19 @@ def _finish_at_exit(mngr: Any, directory: pathlib.Path) -> None:
     print(f"jlora: error: a checkpoint save in '{directory}' did not finish at exit "
           f"({type(e).__name__}: {' '.join(str(e).split())})", file=sys.stderr, flush=True)
     os._exit(1)
+
+
+def _at_exit(fn: Callable[[], None]) -> None:
+  """Runs ``fn`` at interpreter exit before the thread pools orbax writes with
+  are shut down (``threading``'s own exit hooks run before ``atexit``'s)."""
+  register = getattr(threading, "_register_atexit", None)
+  try:
+    if register is not None:
+      register(fn)
+      return
+  except RuntimeError:  # the interpreter is already shutting down
+    pass
+  atexit.register(fn)
 
 
 class CheckpointManager:
@@ -157,9 +175,9 @@ class CheckpointManager:
     except OSError as e:
       raise LoraCheckpointError(
           _atomic.os_error(e, self._directory, "use checkpoint directory")) from None
-    self._at_exit: Callable[[], None] | None = (
-        lambda mngr=self._mngr, d=self._directory: _finish_at_exit(mngr, d))
-    atexit.register(self._at_exit)
+    # Until close(), a background save is finished at interpreter exit.
+    self._pending: list | None = [self._mngr]
+    _at_exit(lambda holder=self._pending, d=self._directory: _finish_at_exit(holder, d))
 
   @property
   def directory(self) -> pathlib.Path:
@@ -175,7 +193,7 @@ class CheckpointManager:
       _atomic.remove(trash)
 
   def _check_open(self) -> None:
-    if self._at_exit is None:
+    if self._pending is None:
       raise LoraCheckpointError(f"the CheckpointManager of '{self._directory}' is closed")
 
   def _complete(self, step: int) -> bool:
@@ -196,7 +214,7 @@ class CheckpointManager:
     every file it lists are there (``restore`` verifies their contents).
 
     A step directory an interrupted save or cleanup left incomplete is not
-    listed."""
+    listed, nor is a background save still in flight (``wait_until_finished``)."""
     with validation.quiet():
       steps = sorted(self._mngr.all_steps())
     return [s for s in steps if self._complete(s)]
@@ -381,13 +399,13 @@ class CheckpointManager:
 
   def close(self) -> None:
     """Waits for a background save, then releases orbax's resources."""
-    if self._at_exit is None:
+    if self._pending is None:
       return
     try:
       self.wait_until_finished()
     finally:
-      atexit.unregister(self._at_exit)
-      self._at_exit = None
+      self._pending[0] = None
+      self._pending = None
       with validation.quiet():
         self._mngr.close()
 

@@ -52,6 +52,63 @@ def factors_from_torch(lora_a: np.ndarray, lora_b: np.ndarray, layout: Layout,
   return a, b
 
 
+def kernel_layout(order: str) -> Layout:
+  """The layout of a 2-D kernel stored ``"in_out"`` or ``"out_in"``.
+
+  Example:
+    >>> kernel_layout("out_in")
+    Layout(in_axes=(1,), out_axes=(0,), stack_axes=())
+  """
+  return Layout((0,), (1,)) if order == "in_out" else Layout((1,), (0,))
+
+
+def layout_order(layout: Layout) -> str | None:
+  """"in_out" or "out_in" for a 2-D layout (one axis each, no stack); else None."""
+  if layout.stack_axes or len(layout.in_axes) != 1 or len(layout.out_axes) != 1:
+    return None
+  return "in_out" if layout.in_axes[0] < layout.out_axes[0] else "out_in"
+
+
+def splits(shape: Sequence[int], n_stack: int, fan_in: int, order: str | None,
+           fan_out: int | None = None) -> list[Layout]:
+  """The layouts of a weight of ``shape`` (``n_stack`` leading stack axes) whose
+  in axes hold ``fan_in`` elements: in axes before out axes for "in_out"
+  (Flax's ``DenseGeneral``), after them for "out_in", either for None.
+
+  Example:
+    >>> splits((16, 16), 0, 16, None)      # a square kernel: two readings
+    [Layout(in_axes=(0,), out_axes=(1,), stack_axes=()), Layout(in_axes=(1,), out_axes=(0,), stack_axes=())]
+    >>> splits((4, 8, 2, 4), 1, 8, "in_out")
+    [Layout(in_axes=(1,), out_axes=(2, 3), stack_axes=(0,))]
+  """
+  ndim = len(shape)
+  stack = tuple(range(n_stack))
+  rest = list(range(n_stack, ndim))
+  out: list[Layout] = []
+  for k in range(1, len(rest)):
+    first, second = tuple(rest[:k]), tuple(rest[k:])
+    for o, (ins, outs) in (("in_out", (first, second)), ("out_in", (second, first))):
+      if order not in (None, o):
+        continue
+      if math.prod(shape[i] for i in ins) != fan_in:
+        continue
+      if fan_out is not None and math.prod(shape[i] for i in outs) != fan_out:
+        continue
+      layout = Layout(ins, outs, stack)
+      if layout not in out:
+        out.append(layout)
+  return out
+
+
+def kernel_order_hint(path: str) -> str:
+  """How to say which way a kernel is stored, for error messages."""
+  return (f"pass its layout: layouts=jlora.infer_layouts(fn, params, *args) (read from the "
+          f"model) or {{'{path}': jlora.Layout(...)}}, or the rules' kernel_order "
+          f"('in_out' as Flax's Dense, 'out_in' as PyTorch, Equinox and transformers' Flax "
+          f"GPT-2 store them); on the command line --layout '{re.escape(path)}=IN:OUT' or "
+          f"--kernel-order")
+
+
 def lora_a_widths(weights: str | os.PathLike) -> dict[str, int]:
   """module -> the width (fan-in) of its lora_A, read from the file's header."""
   from safetensors import safe_open
@@ -73,8 +130,10 @@ def layouts_from_shapes(folder: str | os.PathLike, params: Any, rules: Any,
 
   PyTorch flattens a multi-axis kernel to ``(out, in)``; the stack axes (one
   per stack field of the module name) lead, as ``nn.scan`` puts them, and
-  the in axes come before the out axes. ``lora_A``'s width says where the in
-  axes end; a shape that allows two splits is refused, naming the weight.
+  the in axes come before the out axes (after them with the rules'
+  ``kernel_order="out_in"``; either with None). ``lora_A``'s width says where
+  the in axes end; a shape that allows two readings is refused, naming the
+  weight.
 
   Args:
     folder: the PEFT adapter folder.
@@ -127,13 +186,12 @@ def layouts_from_shapes(folder: str | os.PathLike, params: Any, rules: Any,
     if module not in fan_ins or ndim - n < 2 or (n == 0 and ndim == 2):
       continue
     shape = tuple(leaf.shape)
-    splits = [k for k in range(1, ndim - n) if math.prod(shape[n:n + k]) == fan_ins[module]]
-    if len(splits) != 1:
+    found = splits(shape, n, fan_ins[module], rules.kernel_order)
+    if len(found) != 1:
       raise LoraPeftError(
           f"'{path}' {shape}: cannot tell its layout from the adapter (lora_A of "
-          f"'{module}' has {fan_ins[module]} inputs; {n} leading stack axes); pass its "
-          f"layout (layouts={{path: jlora.Layout(...)}}, or on the command line "
-          f"--layout '{re.escape(path)}=IN:OUT[:STACK]')")
-    k = splits[0]
-    out[path] = Layout(tuple(range(n, n + k)), tuple(range(n + k, ndim)), tuple(range(n)))
+          f"'{module}' has {fan_ins[module]} inputs; {n} leading stack axes; "
+          f"{'two readings fit' if found else 'no reading fits'} with kernel_order="
+          f"{rules.kernel_order!r}); {kernel_order_hint(path)}")
+    out[path] = found[0]
   return out

@@ -164,10 +164,14 @@ def _check_types(config: Mapping[str, Any], where: str) -> None:
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-  # PEFT's get_pattern_key: the first key matching a '.'-aligned suffix.
+  """PEFT's get_pattern_key: the value of the first key that matches a
+  '.'-aligned suffix of ``module`` (or the whole name, for a key anchored with ^)."""
   for key, value in (patterns or {}).items():
-    if re.match(rf"(.*\.)?({key})$", module):
-      return value
+    try:
+      if re.match(rf"(.*\.)?({key})$", module):
+        return value
+    except (re.error, TypeError, RecursionError) as e:
+      raise LoraPeftError(f"pattern key {_show(key)} is not a valid regex: {e}") from None
   return default
 
 

@@ -14,12 +14,14 @@ import jax
 import numpy as np
 
 from jlora import _atomic
-from jlora.errors import LoraPeftError
+from jlora.errors import LoraLayoutError, LoraPeftError
 from jlora._paths import flatten_with_paths
 from jlora.lora_param import LoraParam
 from jlora.spec import LoraSpec
 from jlora.peft import config as peft_config
 from jlora.peft import mark, names
+from jlora.layout import Layout
+from jlora.peft import axes
 from jlora.peft.axes import factors_to_torch
 from jlora.peft.rules import Rules, RulesLike, as_rules
 
@@ -54,6 +56,21 @@ def _claim(owners: dict[str, str], module: str, path: str) -> None:
                         f"the rules must give each parameter its own module")
 
 
+def _flax_order(path: str, rules: Rules, spec: LoraSpec | None,
+                layouts: Mapping[str, Layout] | None) -> str:
+  """How the Flax side stores a 2-D kernel: its layout if given, else the
+  rules' kernel_order; refused when neither says."""
+  layout = (layouts or {}).get(path)
+  if layout is None and spec is not None:
+    layout = spec.layout_override(path)
+  order = axes.layout_order(layout) if layout is not None else rules.kernel_order
+  if order is None:
+    raise LoraLayoutError(f"'{path}' is trained in full, and nothing says whether it is "
+                          f"stored (in, out) or (out, in): PyTorch needs to know; "
+                          f"{axes.kernel_order_hint(path)}")
+  return order
+
+
 def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
   arr = np.asarray(jax.device_get(x))
   return arr.astype(dtype) if dtype is not None else arr
@@ -65,6 +82,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
          target_modules: Sequence[str] | str | None = None,
          task_type: str | None = None, dtype: Any = None,
          extra_config: Mapping[str, Any] | None = None,
+         layouts: Mapping[str, Layout] | None = None,
          overwrite: bool = False) -> dict[str, Any]:
   """Writes ``trainable``'s adapters as a PEFT LoRA adapter folder.
 
@@ -91,7 +109,8 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   else ``False``. Either way PEFT computes the same scale; the flag only
   decides which alpha the file records. ``r``/``lora_alpha`` are the most
   common values; modules that differ go to ``rank_pattern``/``alpha_pattern``
-  keyed by their escaped full module name.
+  keyed by their escaped full module name, anchored (``^transformer\\.h\\.0...``)
+  so that PEFT applies each key to that module only.
 
   Args:
     path: the folder to write (created; an existing empty folder is used).
@@ -110,6 +129,8 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
     task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``...), recorded as is.
     dtype: cast the tensors to this dtype (default: as stored).
     extra_config: more keys for ``adapter_config.json`` (written last).
+    layouts: path -> Layout of kernels trained in full whose storage the
+      rules' ``kernel_order`` does not give (``jlora.infer_layouts``).
     overwrite: replace an existing folder at ``path`` (one jlora wrote).
 
   Returns:
@@ -216,7 +237,8 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
         if w.ndim != 2:
           raise LoraPeftError(f"'{path}': a {w.ndim}-D kernel trained in full has no "
                               f"PyTorch layout; only 2-D kernels are exported")
-        if not rules.is_in_out(module):
+        torch_order = "in_out" if rules.is_in_out(module) else "out_in"
+        if _flax_order(path, rules, spec, layouts) != torch_order:
           w = w.T
       tensors[names.full_key(module, torch_name)] = np.ascontiguousarray(w)
       if module not in saved:
@@ -229,8 +251,11 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
 
   r_global = collections.Counter(r for r, _ in lora_modules.values()).most_common(1)[0][0]
   alpha_global = collections.Counter(a for _, a in lora_modules.values()).most_common(1)[0][0]
-  rank_pattern = {re.escape(m): r for m, (r, _) in lora_modules.items() if r != r_global}
-  alpha_pattern = {re.escape(m): a for m, (_, a) in lora_modules.items() if a != alpha_global}
+  # Each key is anchored to its own module: PEFT matches a key against every
+  # '.'-aligned suffix of a module name, so 'fc' alone would also pick 'block.fc'.
+  rank_pattern = {"^" + re.escape(m): r for m, (r, _) in lora_modules.items() if r != r_global}
+  alpha_pattern = {"^" + re.escape(m): a for m, (_, a) in lora_modules.items()
+                   if a != alpha_global}
 
   # Modules the Flax tree knows of that PEFT could adapt but jlora did not.
   saved_templates = {rules(p) for p, leaf in pairs if leaf is not None and not _is_lora_param(leaf)}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _atomic
-from jlora.errors import LoraPeftError, LoraSpecError
+from jlora.errors import LoraLayoutError, LoraPeftError, LoraSpecError
 from jlora._paths import flatten_with_paths
 from jlora.layout import Layout
 from jlora.lora_param import LoraParam
@@ -28,6 +28,7 @@ from jlora.spec import LoraSpec
 from jlora.transform import resolve_layout
 from jlora.peft import config as peft_config
 from jlora.peft import mark, names
+from jlora.peft import axes
 from jlora.peft.axes import factors_from_torch
 from jlora.peft.rules import Rules, RulesLike, as_rules
 
@@ -162,9 +163,11 @@ class _Index:
     return difflib.get_close_matches(module, known, n=3, cutoff=0.0)
 
 
-def _escaped_by_length(values: Mapping[str, Any]) -> dict[str, Any]:
-  # LoraSpec patterns also match '/'-aligned suffixes: try longer paths first.
-  return {re.escape(p): v for p, v in sorted(values.items(), key=lambda kv: -len(kv[0]))}
+def _anchored(values: Mapping[str, Any]) -> dict[str, Any]:
+  """path -> value as LoraSpec patterns that match that path only: a pattern
+  also matches '/'-aligned suffixes, so 'fc/kernel' alone would pick
+  'block/fc/kernel' too."""
+  return {"^" + re.escape(p): v for p, v in sorted(values.items())}
 
 
 def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
@@ -173,8 +176,10 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
   """Reads a PEFT LoRA adapter folder into jlora factors for ``params``.
 
   The inverse of ``jlora.peft.save``: ``lora_A (r, in)`` and ``lora_B (out, r)``
-  become ``LoraParam(a (in, r), b (r, out))`` laid out as ``layouts`` (or the
-  2-D default) says, modules ``<prefix>.{i}.<name>`` of a stacked weight are
+  become ``LoraParam(a (in, r), b (r, out))`` laid out as ``layouts`` says (a
+  2-D kernel as the rules' ``kernel_order`` says, checked against the
+  file's shapes; with no kernel order, a square kernel is refused rather
+  than guessed), modules ``<prefix>.{i}.<name>`` of a stacked weight are
   stacked along its stack axis, and ``modules_to_save`` tensors become
   plain trainable leaves. Module names are resolved by applying ``rules`` to
   every parameter path of ``params``, so only the forward rule is needed.
@@ -185,8 +190,9 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
   PiSSA-style inits, ...), every key that maps to no parameter, every
   module that ``target_modules`` or ``modules_to_save`` selects and the file
   lacks, every shape and rank mismatch raises ``LoraPeftError`` naming the
-  key. No factor is ever left at an initial value. Only JSON and
-  safetensors are read; torch is not needed.
+  key. No factor is ever left at an initial value. A folder jlora wrote
+  carries checksums of its tensors and options, which are verified. Only
+  JSON and safetensors are read; torch is not needed.
 
   Args:
     path: the adapter folder.
@@ -195,17 +201,21 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
       base model.
     rules: how parameter paths name PyTorch modules (``jlora.peft.Rules`` or
       a function), as for ``jlora.peft.save``.
-    layouts: path -> Layout for weights that are not plain 2-D ``(in, out)``
-      kernels (``jlora.infer_layouts(fn, params, *args)``); needed for
+    layouts: path -> Layout, best from the model itself
+      (``jlora.infer_layouts(fn, params, *args)``); it wins over the rules'
+      ``kernel_order`` for 2-D kernels and is needed for
       ``nn.scan`` stacks and multi-axis kernels.
-    dtype: dtype of A and B (default: as stored in the file).
+    dtype: dtype of A and B. By default the file's, promoted so that no value
+      changes (float16 and float32 factors give float32); a narrower dtype is
+      refused if a value would become infinite in it.
 
   Returns:
     ``Adapter(frozen, trainable, spec, config)``.
 
   Raises:
     LoraPeftError: the folder is not an adapter jlora can load faithfully.
-    LoraLayoutError: an adapted weight has no layout.
+    LoraLayoutError: an adapted weight has no layout, or a square kernel's
+      cannot be known.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -229,13 +239,12 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
   index = _Index(pairs, rules)
 
   found = _match_lora_modules(lora, index, config, weights)
-  factors = {i: _assemble_factors(entry, by_idx, layouts, weights)
+  factors = {i: _assemble_factors(entry, by_idx, layouts, rules, weights)
              for i, (entry, by_idx) in found.items()}
   _check_targets_covered(index, found, config, weights)
-  extras = _load_full_weights(full, index, found, config, rules, weights)
+  extras = _load_full_weights(full, index, found, config, rules, weights, layouts)
 
-  factor_dtype = jnp.dtype(dtype if dtype is not None else
-                           next(iter(factors.values()))[1].dtype)
+  factor_dtype = _factor_dtype(factors, dtype, {pairs[i][0]: i for i in factors}, found, weights)
   spec = _spec_of(config, {pairs[i][0]: f for i, f in factors.items()},
                   sorted(pairs[i][0] for i in extras), factor_dtype,
                   os.path.join(directory, names.CONFIG_NAME))
@@ -249,6 +258,27 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
     trainable[i], frozen[i] = value, None
   return Adapter(treedef.unflatten(frozen), treedef.unflatten(trainable), spec,
                      dict(config))
+
+
+def _factor_dtype(factors, dtype, index_of, found, weights: str) -> np.dtype:
+  """One dtype for every factor: the file's, promoted so that no value changes
+  (a float16 lora_A with a float32 lora_B gives float32), or ``dtype``, if no
+  finite value becomes infinite in it."""
+  stored = [x.dtype for _, a, b, _, _ in factors.values() for x in (a, b)]
+  if dtype is None:
+    return jnp.dtype(jnp.result_type(*stored))
+  want = jnp.dtype(dtype)
+  for path, i in index_of.items():
+    _, a, b, _, _ = factors[i]
+    for name, x in (("lora_A", a), ("lora_B", b)):
+      with np.errstate(over="ignore"):
+        cast = np.asarray(x).astype(want)
+      if np.any(np.isfinite(x) & ~np.isfinite(cast)):
+        key = next(iter(found[i][1].values()))[0].replace("lora_A", name)
+        raise LoraPeftError(f"'{weights}': '{key}' does not fit in {want.name} (values up to "
+                            f"{float(np.max(np.abs(x))):.4g} would become infinite); load it "
+                            f"in a wider dtype (dtype=None keeps the file's)")
+  return want
 
 
 # A LoRA module found in the file: (key of lora_A, lora_A, lora_B, rank, alpha).
@@ -296,11 +326,39 @@ def _match_lora_modules(lora, index: _Index, config, weights: str
   return found
 
 
+def _kernel_layout(e: _Entry, found: _Found, rules: Rules, weights: str) -> Layout:
+  """The layout of a plain 2-D kernel: as the rules' kernel_order says, checked
+  against the file's shapes; with no kernel order, what the shapes tell."""
+  shape = tuple(e.leaf.shape)
+  key_a, lora_a, lora_b, _, _ = found
+  fan_in, fan_out = lora_a.shape[1], lora_b.shape[0]
+  fits = axes.splits(shape, 0, fan_in, rules.kernel_order, fan_out)
+  if len(fits) == 1:
+    return fits[0]
+  if len(fits) > 1:
+    raise LoraLayoutError(
+        f"'{e.path}' {shape}: cannot tell whether this square kernel is stored (in, out) or "
+        f"(out, in): the rules do not say (kernel_order=None) and the shapes in "
+        f"'{weights}' fit both; jlora does not guess; {axes.kernel_order_hint(e.path)}")
+  other = axes.splits(shape, 0, fan_in, None, fan_out)
+  if other:
+    stored = "(out, in)" if axes.layout_order(other[0]) == "out_in" else "(in, out)"
+    raise LoraPeftError(
+        f"'{weights}': '{key_a}' ({lora_a.shape[0]}, {fan_in}) and its lora_B "
+        f"{tuple(lora_b.shape)} fit '{e.path}' {shape} only if it is stored {stored}, but "
+        f"the rules say kernel_order={rules.kernel_order!r}; "
+        f"{axes.kernel_order_hint(e.path)}")
+  return axes.kernel_layout(rules.kernel_order or "in_out")   # the size check below names it
+
+
 def _assemble_factors(e: _Entry, by_idx: Mapping[tuple[int, ...], _Found],
-                      layouts: Mapping[str, Layout] | None, weights: str):
+                      layouts: Mapping[str, Layout] | None, rules: Rules, weights: str):
   """One kernel's ``(layout, a, b, rank, alpha)`` from its modules' tensors."""
   shape = tuple(e.leaf.shape)
-  layout = resolve_layout(e.path, e.leaf, LoraSpec(), layouts)
+  if (layouts or {}).get(e.path) is None and len(shape) == 2 and e.n_stack == 0 and () in by_idx:
+    layout = _kernel_layout(e, by_idx[()], rules, weights)
+  else:
+    layout = resolve_layout(e.path, e.leaf, LoraSpec(), layouts)
   if len(layout.stack_axes) != e.n_stack:
     raise LoraPeftError(
         f"'{e.path}': the rules name it '{e.template}' with {e.n_stack} stack "
@@ -359,8 +417,28 @@ def _check_targets_covered(index: _Index, found, config, weights: str) -> None:
           f"leave it untrained, jlora refuses")
 
 
+def _full_kernel(e: _Entry, key: str, value: np.ndarray, rules: Rules,
+                 layouts: Mapping[str, Layout] | None, module: str, weights: str) -> np.ndarray:
+  """A kernel trained in full, from PyTorch's orientation to the Flax one."""
+  torch_order = "in_out" if rules.is_in_out(module) else "out_in"
+  explicit = (layouts or {}).get(e.path)
+  flax_order = axes.layout_order(explicit) if explicit is not None else rules.kernel_order
+  if flax_order is None:
+    want = tuple(e.leaf.shape[e.n_stack:]) if e.leaf is not None else None
+    fits = [o for o, v in ((torch_order, value), ("flipped", value.T)) if v.shape == want]
+    if len(fits) != 1:
+      raise LoraLayoutError(
+          f"'{e.path}': cannot tell how the kernel '{key}' {tuple(value.shape)} of "
+          f"'{weights}' (trained in full) maps onto it: the rules do not say whether Flax "
+          f"stores it (in, out) or (out, in) (kernel_order=None) and its shape does not "
+          f"tell; {axes.kernel_order_hint(e.path)}")
+    return value if fits[0] == torch_order else value.T
+  return value if flax_order == torch_order else value.T
+
+
 def _load_full_weights(full, index: _Index, found, config, rules: Rules,
-                       weights: str) -> dict[int, jax.Array]:
+                       weights: str, layouts: Mapping[str, Layout] | None = None
+                       ) -> dict[int, jax.Array]:
   """modules_to_save tensors -> plain trainable leaves, by leaf index."""
   parts: dict[int, dict[tuple[int, ...], tuple[str, np.ndarray]]] = collections.defaultdict(dict)
   entries = {e.index: e for e in index.entries}
@@ -380,8 +458,7 @@ def _load_full_weights(full, index: _Index, found, config, rules: Rules,
     if e.is_kernel:
       if value.ndim != 2:
         raise LoraPeftError(f"'{weights}': key '{key}' has shape {value.shape}, not 2-D")
-      if not rules.is_in_out(module):
-        value = value.T
+      value = _full_kernel(e, key, value, rules, layouts, module, weights)
     parts[e.index][idx] = (key, value)
   # A saved module comes whole: each of its parameters must be in the file.
   saved_templates = {entries[i].template for i in parts}
@@ -428,12 +505,12 @@ def _spec_of(config, factors: Mapping[str, tuple], extras: Sequence[str], dtype,
     return LoraSpec(
         rank=r_global, alpha=alpha_global,
         targets="|".join(re.escape(p) for p in sorted(factors)),
-        rank_pattern=_escaped_by_length({p: r for p, r in ranks.items() if r != r_global}),
-        alpha_pattern=_escaped_by_length(
+        rank_pattern=_anchored({p: r for p, r in ranks.items() if r != r_global}),
+        alpha_pattern=_anchored(
             {p: a for p, a in alphas.items() if a != alpha_global}),
         use_rslora=bool(config.get("use_rslora", False)),
         dropout=float(config.get("lora_dropout") or 0.0), dtype=dtype,
         extra_trainable="|".join(re.escape(p) for p in extras) if extras else None,
-        layouts=_escaped_by_length(layouts))
+        layouts=_anchored(layouts))
   except LoraSpecError as err:
     raise LoraPeftError(f"'{where}': {err}") from None

@@ -16,6 +16,9 @@ from typing import Callable, Mapping, Sequence, Union
 from jlora.errors import LoraSpecError
 from jlora.peft.names import DEFAULT_LEAF_NAMES
 
+# How a Flax 2-D kernel is stored: (in, out), (out, in), or unknown.
+KERNEL_ORDERS = ("in_out", "out_in", None)
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -124,8 +127,16 @@ class Rules:
       ``fan_in_fan_out`` and whether a fully trained kernel is transposed.
     leaf_names: Flax leaf name -> PyTorch parameter name.
     kernel_leaves: leaf names of linear weights: the leaves LoRA factors
-      belong to when a file is read, and the ones stored ``(in, out)`` in
-      Flax, so transposed for an ``nn.Linear`` module.
+      belong to when a file is read.
+    kernel_order: how the Flax side stores a 2-D kernel: ``"in_out"`` (Flax's
+      ``Dense``, ``nnx.Linear``), ``"out_in"`` (PyTorch-style: Equinox,
+      ``transformers``' Flax GPT-2), or None when unknown. It decides the
+      layout of a 2-D kernel read from a PEFT file (and the order of the in
+      and out axes of a stacked or multi-axis one, see
+      ``jlora.peft.axes.layouts_from_shapes``), and whether a kernel trained in
+      full is transposed. With None, the file's shapes must tell: a square
+      kernel is refused, naming it. Explicit ``layouts`` (from
+      ``jlora.infer_layouts``, which reads them from the model) always win.
     function: if given, used instead of ``patterns`` (see above).
 
   Example:
@@ -143,7 +154,7 @@ class Rules:
     The ready-made rules:
 
     >>> rules = Rules.scanned(stack="params/layers", prefix="model.layers",
-    ...                           renames={"query": "self_attn.q_proj"})
+    ...                       renames={"query": "self_attn.q_proj"})
     >>> rules("params/layers/query/kernel")          # one module per layer
     'model.layers.{0}.self_attn.q_proj'
     >>> rules("params/embed/embedding")
@@ -152,6 +163,8 @@ class Rules:
     ('params/layers/query/kernel', (3,))
     >>> Rules.gpt2()("transformer/h/0/attn/c_attn/kernel")
     'transformer.h.0.attn.c_attn'
+    >>> Rules.gpt2().kernel_order, Rules.llama()("model/layers/0/self_attn/q_proj/kernel")
+    ('out_in', 'model.layers.0.self_attn.q_proj')
   """
 
   patterns: Sequence[tuple[str, str]] = (("params/{module}", "{module}"),
@@ -160,6 +173,7 @@ class Rules:
   leaf_names: Mapping[str, str] = dataclasses.field(
       default_factory=lambda: dict(DEFAULT_LEAF_NAMES))
   kernel_leaves: Sequence[str] = ("kernel",)
+  kernel_order: str | None = "in_out"
   function: Callable[[str], str | None] | None = None
 
   def __post_init__(self):
@@ -170,6 +184,9 @@ class Rules:
         raise LoraSpecError(f"Rules patterns are (flax_template, torch_template) "
                             f"string pairs, got {p!r}")
     object.__setattr__(self, "_compiled", tuple(_Pattern(*p) for p in self.patterns))
+    if self.kernel_order not in KERNEL_ORDERS:
+      raise LoraSpecError(f"Rules.kernel_order must be one of {KERNEL_ORDERS}, got "
+                          f"{self.kernel_order!r}")
     if isinstance(self.fan_in_fan_out, str):
       try:
         re.compile(self.fan_in_fan_out)
@@ -180,28 +197,51 @@ class Rules:
   # Ready-made rules ----------------------------------------------------------
 
   @classmethod
-  def generic(cls, *, fan_in_fan_out: Union[bool, str] = False) -> "Rules":
+  def generic(cls, *, fan_in_fan_out: Union[bool, str] = False,
+              kernel_order: str | None = "in_out") -> "Rules":
     """'/' becomes '.', the leaf name and a leading ``params`` collection go.
 
     Fits models whose Flax module tree mirrors the PyTorch one (Flax NNX
-    ``blocks/0/query/kernel`` -> ``blocks.0.query``).
+    ``blocks/0/query/kernel`` -> ``blocks.0.query``), with Flax's ``(in, out)``
+    kernels unless ``kernel_order`` says otherwise.
     """
-    return cls(fan_in_fan_out=fan_in_fan_out)
+    return cls(fan_in_fan_out=fan_in_fan_out, kernel_order=kernel_order)
 
   @classmethod
-  def gpt2(cls) -> "Rules":
-    """Hugging Face GPT-2 (``GPT2LMHeadModel``) and Flax ports named like it.
+  def gpt2(cls, *, kernel_order: str | None = "out_in") -> "Rules":
+    """``transformers``' Flax GPT-2 (``FlaxGPT2LMHeadModel``, ``FlaxGPT2Model``).
 
     ``transformer/h/0/attn/c_attn/kernel`` <-> ``transformer.h.0.attn.c_attn``;
-    ``c_attn``, ``q_attn``, ``c_proj`` and ``c_fc`` are ``Conv1D`` modules
-    (weights stored ``(in, out)``, PEFT's ``fan_in_fan_out=True``).
+    ``c_attn``, ``q_attn``, ``c_proj`` and ``c_fc`` are PyTorch ``Conv1D``
+    modules (weights stored ``(in, out)``, PEFT's ``fan_in_fan_out=True``),
+    whose Flax port ``FlaxConv1D`` stores its kernel ``(out, in)``. A Flax
+    port that stores them ``(in, out)``, as ``nn.Dense`` does, passes
+    ``kernel_order="in_out"``.
     """
-    return cls(fan_in_fan_out=r"(?:.*\.)?(?:c_attn|q_attn|c_proj|c_fc)")
+    return cls(fan_in_fan_out=r"(?:.*\.)?(?:c_attn|q_attn|c_proj|c_fc)",
+               kernel_order=kernel_order)
+
+  @classmethod
+  def llama(cls) -> "Rules":
+    """``transformers``' Flax Llama and Mistral (``FlaxLlamaForCausalLM``,
+    ``FlaxMistralForCausalLM``): ``model/layers/0/self_attn/q_proj/kernel`` <->
+    ``model.layers.0.self_attn.q_proj``, ``(in, out)`` kernels (``nn.Dense``),
+    RMSNorm ``weight`` leaves."""
+    return cls(kernel_order="in_out")
+
+  @classmethod
+  def bert(cls) -> "Rules":
+    """``transformers``' Flax BERT (``FlaxBertModel``, ``FlaxBertForMaskedLM``...):
+    ``bert/encoder/layer/0/attention/self/query/kernel`` <->
+    ``bert.encoder.layer.0.attention.self.query``, ``(in, out)`` kernels, LayerNorm
+    ``scale`` -> ``weight``."""
+    return cls(kernel_order="in_out")
 
   @classmethod
   def scanned(cls, *, stack: str = "params/layers", prefix: str = "model.layers",
               renames: Mapping[str, str] | None = None,
-              fan_in_fan_out: Union[bool, str] = False) -> "Rules":
+              fan_in_fan_out: Union[bool, str] = False,
+              kernel_order: str | None = "in_out") -> "Rules":
     """A Linen ``nn.scan`` stack: ``{stack}/<name>`` -> ``{prefix}.{i}.<name>``.
 
     ``i`` is the index along the weight's stack axis. ``renames`` maps a Flax
@@ -213,7 +253,7 @@ class Rules:
             for flax, torch in (renames or {}).items()]
     pats.append((f"{stack}/{{name}}", f"{prefix}.{{layer}}.{{name}}"))
     pats += list(cls.__dataclass_fields__["patterns"].default)
-    return cls(patterns=tuple(pats), fan_in_fan_out=fan_in_fan_out)
+    return cls(patterns=tuple(pats), fan_in_fan_out=fan_in_fan_out, kernel_order=kernel_order)
 
   # Mapping -------------------------------------------------------------------
 
