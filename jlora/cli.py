@@ -235,9 +235,9 @@ def _format_inspect(info: dict[str, Any]) -> str:
       lines += _table([[t["key"], _shape_str(t["shape"]), t["dtype"]]
                        for t in info["modules_to_save"]])
   lines.append(f"trainable: {info['trainable_params']:,} parameters, {info['bytes']:,} bytes")
+  lines.append(f"checksums: {info['checksums']}")
   if info["format"] == "jlora":
     b = info["base"]
-    lines.append(f"checksums: {info['checksums']}")
     lines.append(f"base: {b['params']} parameters, {b['elements']:,} elements, "
                  f"fingerprint sha256 {b['sha256']}")
   return "\n".join(lines)

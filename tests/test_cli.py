@@ -117,7 +117,7 @@ def test_inspect_peft_folder(setup, capsys):
   rc, out, err = run(capsys, "inspect", setup["peft"], "--json")
   assert rc == 0, err
   info = json.loads(out)
-  assert info["format"] == "peft" and info["base"] is None
+  assert info["format"] == "peft" and info["base"] is None and info["checksums"] == "ok"
   assert (info["spec"]["rank"], info["spec"]["alpha"], info["spec"]["use_rslora"]) == (3, 6, True)
   tensors = load_file(setup["peft"] / "adapter_model.safetensors")
   assert info["trainable_params"] == sum(t.size for t in tensors.values())
@@ -291,8 +291,12 @@ def bad(setup):
   for f in sorted((truncated / "adapter").rglob("*")):
     if f.is_file():
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  changed = tmp / "changed_peft"                       # a config edited under its tensors
+  shutil.copytree(setup["peft"], changed)
+  config = json.loads((changed / "adapter_config.json").read_text())
+  (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 99}))
   return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled, user=user,
-              truncated=truncated)
+              truncated=truncated, changed=changed)
 
 
 ERRORS = {
@@ -370,6 +374,8 @@ ERRORS = {
                                      ["is not a PEFT folder written by jlora"]),
     "inspect a corrupted adapter": (lambda s, b: ["inspect", b["truncated"]],
                                     ["is corrupted", "truncated"]),
+    "inspect a changed PEFT folder": (lambda s, b: ["inspect", b["changed"]],
+                                      ["was changed after jlora wrote this folder"]),
 }
 
 

@@ -1,4 +1,17 @@
-"""Arrays in orbax checkpoints: descriptions, checksums, shardings, restore."""
+"""Arrays in orbax checkpoints: descriptions, checksums, shardings, restore.
+
+Every array jlora saves is described by its shape, dtype and the SHA-256 of
+its bytes; ``restore_arrays`` reads arrays back onto the wanted shardings
+and checks each against its description.
+
+Example:
+  >>> import numpy as np
+  >>> info = array_info(np.arange(6, dtype=np.float32).reshape(2, 3))
+  >>> info["shape"], info["dtype"], len(info["sha256"])
+  ([2, 3], 'float32', 64)
+  >>> describe([2, 3], "float32")
+  'shape (2, 3) dtype float32'
+"""
 
 from __future__ import annotations
 
@@ -9,7 +22,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jlora.errors import LoraCheckpointError
 from jlora.layout import Layout

@@ -1,4 +1,17 @@
-"""Metadata encoding: LoraSpec fields and LoraParam's static fields as JSON."""
+"""Metadata encoding: LoraSpec fields and LoraParam's static fields as JSON.
+
+Layouts, dtypes, tuples and mappings are tagged so they decode to what they
+were; a callable selector is stored by name only (the loaded spec selects
+the saved paths instead).
+
+Example:
+  >>> import jax.numpy as jnp, jlora
+  >>> encoded = encode(jlora.Layout((0,), (1,)), "layout")
+  >>> encoded["__jlora__"], decode(encoded)
+  ('layout', Layout(in_axes=(0,), out_axes=(1,), stack_axes=()))
+  >>> decode(encode(jnp.bfloat16, "dtype"))
+  dtype(bfloat16)
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""The names of jlora's orbax checkpoints: formats, item folders, markers."""
+"""The names of jlora's orbax checkpoints: formats, item folders, markers.
+
+Example:
+  >>> FORMAT, TRAIN_FORMAT, (ADAPTER, ADAPTER_META, OPT, TRAIN_META)
+  ('jlora.adapter', 'jlora.train_state', ('adapter', 'adapter_meta', 'opt_state', 'train_meta'))
+"""
 
 from __future__ import annotations
 

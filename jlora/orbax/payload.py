@@ -1,4 +1,13 @@
-"""What a save writes: the arrays and the JSON metadata of an adapter and an optimizer state."""
+"""What a save writes: the arrays and the JSON metadata of an adapter and an optimizer state.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jlora
+  >>> spec = jlora.LoraSpec(rank=2, targets=["w"])
+  >>> frozen, t = jlora.lora_transform({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+  >>> saved, meta = adapter_payload(t, spec, frozen)
+  >>> sorted(saved), meta["entries"][0]["static"]["scale"], meta["base"]["params"]
+  (['p0_a', 'p0_b'], 8.0, [['w', [8, 4], 'float32']])
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from jlora.errors import LoraPeftError
 from jlora.peft import config as peft_config
-from jlora.peft import names
+from jlora.peft import mark, names
 
 # safetensors dtype names -> NumPy's.
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -41,11 +41,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     A JSON-able dict: ``format`` ("peft"), ``spec`` (rank, alpha, rsLoRA,
     targets, patterns, modules_to_save, ...), ``targets`` (per module:
     rank, alpha, scale, in and out widths, factor dtype),
-    ``modules_to_save`` (the tensors trained in full), ``trainable_params``
-    and ``bytes``.
+    ``modules_to_save`` (the tensors trained in full), ``trainable_params``,
+    ``bytes`` and ``checksums`` ("ok" once jlora's checksums are verified, for
+    a folder jlora wrote).
 
   Raises:
-    LoraPeftError: not a folder, no config or weights, or unreadable files.
+    LoraPeftError: not a folder, no config or weights, unreadable files, or a
+      folder jlora wrote that was changed or damaged since.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -74,12 +76,18 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
   shapes: dict[str, tuple[list[int], str]] = {}
   try:
     with safe_open(os.fspath(weights), "numpy") as f:
+      meta = f.metadata()
       for key in f.keys():
         s = f.get_slice(key)
         shapes[key] = ([int(d) for d in s.get_shape()], s.get_dtype())
+      # A folder jlora wrote: its checksums are verified (reading the tensors).
+      marked = (meta or {}).get(mark.KEY) is not None
+      tensors = {key: f.get_tensor(key) for key in f.keys()} if marked else None
   except Exception as e:  # safetensors raises its own (non-OSError) types
     raise LoraPeftError(f"'{weights}' is not a readable safetensors file "
                         f"({' '.join(str(e).split())})") from None
+  if marked:
+    mark.check(config, tensors, meta, folder)
   r, alpha = config.get("r"), config.get("lora_alpha")
   rslora = bool(config.get("use_rslora", False))
   modules: dict[str, dict[str, Any]] = {}
@@ -122,7 +130,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
           "format_detail": f"PEFT LoRA adapter folder ({names.CONFIG_NAME} + "
                            f"{names.WEIGHTS_NAME})",
           "spec": spec, "targets": targets, "modules_to_save": full,
-          "trainable_params": count, "bytes": nbytes, "base": None}
+          "trainable_params": count, "bytes": nbytes,
+          "checksums": "ok" if marked else "none (not written by jlora)", "base": None}
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
