@@ -44,6 +44,22 @@ KILL_POINTS = 10
 CRITICAL = {"rename", "replace", "exchange"}
 
 
+_LOG: list[str] = []
+
+
+def log(*parts) -> None:
+  _LOG.append(" ".join(str(p) for p in parts))
+
+
+@pytest.fixture(autouse=True)
+def _print_what_was_tried(capsys):
+  """The suite's report goes to the log, also when it passes."""
+  _LOG.clear()
+  yield
+  with capsys.disabled():
+    print("\n".join(_LOG))
+
+
 class Zygote:
   """fi_worker.py serving commands; one child at a time."""
 
@@ -192,15 +208,15 @@ _TARGETS = {"orbax": "adapter", "orbax_first": "adapter", "peft": "peft",
 
 def _report(title: str, rows: list[dict]) -> collections.Counter:
   total = collections.Counter()
-  print(f"\n== {title}")
+  log(f"\n== {title}")
   for row in rows:
     c = row["counts"]
     total.update(c)
-    print(f"  {row['name']:<24} {row.get('detail', '')}cases {c['cases']:3d}  lost "
+    log(f"  {row['name']:<24} {row.get('detail', '')}cases {c['cases']:3d}  lost "
           f"{c['lost']}  silent {c['silent']}  poor {c['poor']}")
     for note in row["notes"][:5]:
-      print(f"    {note[:400]}")
-  print(f"  total: cases run {total['cases']}, lost {total['lost']}, silent "
+      log(f"    {note[:400]}")
+  log(f"  total: cases run {total['cases']}, lost {total['lost']}, silent "
         f"{total['silent']}, poor {total['poor']}")
   return total
 
@@ -317,7 +333,7 @@ def test_full_disk_keeps_the_old_state_and_leaves_nothing(small_disk):
                           lambda p: fw.digest(dict(jlora.base.read(p)))),
   }
   total = collections.Counter()
-  print("\n== a full disk (1 MiB tmpfs)")
+  log("\n== a full disk (1 MiB tmpfs)")
   for name, (write_old, write_big, read) in writers.items():
     path = small_disk / name.split()[0].replace(".", "_")
     write_old(path)
@@ -332,7 +348,7 @@ def test_full_disk_keeps_the_old_state_and_leaves_nothing(small_disk):
     intact = read(path) == before
     left = [p.name for p in small_disk.iterdir() if ".jlora-" in p.name]
     total.update(cases=1, lost=int(not intact), poor=int(not ok or bool(left)))
-    print(f"  {name:<18} error: {outcome[:150]!r}; old state intact: {intact}; left: {left}")
+    log(f"  {name:<18} error: {outcome[:150]!r}; old state intact: {intact}; left: {left}")
     assert ok and intact and not left, (name, outcome, intact, left)
   # A CheckpointManager save that does not fit.
   mngr = jlora.orbax.CheckpointManager(small_disk / "ckpt", base=frozen, max_to_keep=2)
@@ -341,7 +357,7 @@ def test_full_disk_keeps_the_old_state_and_leaves_nothing(small_disk):
     mngr.save(2, trainable, _grow({}))   # 2 MiB of optimizer state
     mngr.wait_until_finished()
   message = str(err.value)
-  print(f"  {'CheckpointManager':<18} error: {message[:150]!r}")
+  log(f"  {'CheckpointManager':<18} error: {message[:150]!r}")
   assert "no space left" in message and len(message.splitlines()) == 1, message
   assert "ckpt" in message
   mngr.close()
@@ -350,7 +366,7 @@ def test_full_disk_keeps_the_old_state_and_leaves_nothing(small_disk):
     assert fw.digest(mngr.restore(opt_state=opt).trainable) == fw.digest(trainable)
   assert sorted(p.name for p in (small_disk / "ckpt").iterdir()) == ["1"]   # cleaned up
   total.update(cases=1)
-  print(f"  total: cases run {total['cases']}, lost {total['lost']}, silent 0, poor "
+  log(f"  total: cases run {total['cases']}, lost {total['lost']}, silent 0, poor "
         f"{total['poor']}")
 
 
@@ -359,3 +375,56 @@ def _grow(tree):
   out = dict(tree)
   out["big"] = {"kernel": np.random.default_rng(0).standard_normal((512, 1024), np.float32)}
   return out
+
+
+# -- permission denied ---------------------------------------------------------------------
+
+_DENIED = """
+import os, sys
+import numpy as np, jax
+import jlora, orbax.checkpoint, safetensors.flax, safetensors.numpy
+import fi_worker as fw
+frozen, trainable, _ = fw.adapter(1)
+if os.geteuid() == 0:   # root is never denied: drop to nobody (imports are done)
+  os.setgid(65534)
+  os.setuid(65534)
+writers = [("orbax", lambda p: jlora.orbax.save(p, trainable, fw.SPEC, base=frozen)),
+           ("peft", lambda p: jlora.peft.save(p, trainable, jlora.peft.Rules(), spec=fw.SPEC)),
+           ("base", lambda p: jlora.base.save(p + ".safetensors", fw.params(0))),
+           ("base_dir", lambda p: jlora.base.save(p, fw.params(0))),
+           ("manager", lambda p: jlora.orbax.CheckpointManager(p, base=frozen))]
+for name, write in writers:
+  try:
+    write(os.path.join(sys.argv[1], name))
+    print(name, "WROTE")
+  except jlora.LoraError as e:
+    print(name, "|", e)
+"""
+
+
+@pytest.fixture
+def open_tmp():
+  """A temporary directory others may enter (pytest's are private to their owner)."""
+  import tempfile
+  d = pathlib.Path(tempfile.mkdtemp())
+  d.chmod(0o755)
+  yield d
+  shutil.rmtree(d, ignore_errors=True)
+
+
+def test_permission_denied_gives_one_line_and_leaves_nothing(open_tmp):
+  locked = open_tmp / "locked"
+  locked.mkdir()
+  locked.chmod(0o755 if os.geteuid() == 0 else 0o555)   # not writable for the writer
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+      [str(WORKER.parent), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
+  proc = subprocess.run([sys.executable, "-c", _DENIED, str(locked)], capture_output=True,
+                        text=True, env=env, timeout=300)
+  lines = proc.stdout.strip().splitlines()
+  log("\n== permission denied\n  " + "\n  ".join(lines))
+  assert len(lines) == 5 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  for line in lines:
+    name, _, message = line.partition(" | ")
+    assert "permission denied" in message and str(locked / name) in message, line
+  assert list(locked.iterdir()) == []
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
