@@ -1,24 +1,29 @@
-"""jlora: LoRA fine-tuning for JAX as a function transformation."""
+"""jlora: LoRA fine-tuning for JAX as a function transformation.
+
+The core is at the top level: ``LoraSpec``, ``lora_transform``, ``lora``,
+``merge``/``unmerge``, ``optimizer``, ``summary``, ``infer_layouts``, banks of
+adapters and ``combine``, and the errors. The file formats are namespaces:
+``jlora.orbax`` (adapters and training checkpoints), ``jlora.peft`` (PEFT
+adapter folders) and ``jlora.base`` (base-parameter files).
+"""
 
 from importlib import metadata as _metadata
 
-from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
-                          LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
+from jlora import base, orbax, peft
 from jlora._paths import path_str
-from jlora.base_files import load_params, save_params
-from jlora.checkpoint import (CheckpointManager, adapter_metadata,
-                              load_adapter, save_adapter)
+from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
 from jlora.combine import Combination, combine
+from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
+                          LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
 from jlora.interpret import infer_layouts, lora
-from jlora.merge import frozen_like, merge, unmerge
-from jlora.lora_param import LoraParam
-from jlora.transform import lora_transform
-from jlora.peft import PeftAdapter, PeftRules, load_peft, save_peft
-from jlora.optim import optimizer
 from jlora.layout import Layout
+from jlora.lora_param import LoraParam
+from jlora.merge import frozen_like, merge, unmerge
+from jlora.optim import optimizer
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
+from jlora.transform import lora_transform
 
 try:
   __version__ = _metadata.version("jlora")
@@ -26,40 +31,38 @@ except _metadata.PackageNotFoundError:   # a source tree that was never installe
   __version__ = "0+unknown"
 
 __all__ = [
-    "CheckpointManager",
-    "Combination",
-    "Layout",
-    "LoraBank",
-    "LoraCheckpointError",
-    "LoraError",
-    "LoraFileError",
-    "LoraLayoutError",
-    "LoraMaterializeWarning",
-    "LoraParam",
-    "LoraPeftError",
+    # the transform
     "LoraSpec",
-    "LoraSpecError",
-    "LoraSummary",
-    "LoraTreeError",
-    "PeftAdapter",
-    "PeftRules",
-    "adapter_metadata",
-    "combine",
-    "frozen_like",
-    "infer_layouts",
-    "load_adapter",
-    "load_params",
-    "load_peft",
-    "lora",
+    "Layout",
     "lora_transform",
+    "lora",
+    "infer_layouts",
     "merge",
-    "optimizer",
-    "path_str",
-    "save_adapter",
-    "save_params",
-    "save_peft",
-    "select_adapter",
-    "stack_adapters",
-    "summary",
     "unmerge",
+    "frozen_like",
+    "optimizer",
+    "summary",
+    "LoraSummary",
+    "path_str",
+    # adapters
+    "Adapter",
+    "LoraParam",
+    "LoraBank",
+    "stack_adapters",
+    "select_adapter",
+    "combine",
+    "Combination",
+    # errors
+    "LoraError",
+    "LoraSpecError",
+    "LoraLayoutError",
+    "LoraTreeError",
+    "LoraFileError",
+    "LoraCheckpointError",
+    "LoraPeftError",
+    "LoraMaterializeWarning",
+    # file formats
+    "base",
+    "orbax",
+    "peft",
 ]

@@ -22,45 +22,18 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import jlora
-from jlora import base_files, cli
+from files_util import (D, H, HD, L, LAYOUTS, MLP, VOCAB, assert_params_equal, flat_params,
+                        is_lp, make_params)
+from jlora import cli
 
-L, D, H, HD, MLP, VOCAB = 2, 8, 2, 4, 12, 16
-LAYOUTS = {
-    "params/layers/query/kernel": jlora.Layout((1,), (2, 3), (0,)),
-    "params/layers/out/kernel": jlora.Layout((1, 2), (3,), (0,)),
-    "params/layers/up/kernel": jlora.Layout((1,), (2,), (0,)),
-}
 SCANNED = ["--rules", "scanned"]
-
-
-def _is_lp(x):
-  return isinstance(x, jlora.LoraParam)
-
-
-def _fill(shapes, seed):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray((0.1 * rng.standard_normal(s[0])).astype(s[1])),
-                      shapes, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], type))
-
-
-def _params():
-  """A small scanned LM's parameters: stacked multi-axis kernels, a bf16 head."""
-  f32 = np.float32
-  return _fill({"params": {
-      "embed": {"embedding": ((VOCAB, D), f32)},
-      "layers": {
-          "query": {"kernel": ((L, D, H, HD), f32), "bias": ((L, H, HD), f32)},
-          "out": {"kernel": ((L, H, HD, D), f32)},
-          "up": {"kernel": ((L, D, MLP), f32)},
-          "LayerNorm_0": {"scale": ((L, D), f32), "bias": ((L, D), f32)}},
-      "lm_head": {"kernel": ((D, VOCAB), jnp.bfloat16)}}}, seed=0)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """Base and adapter files: orbax and safetensors bases, jlora and PEFT adapters."""
   tmp = tmp_path_factory.mktemp("cli")
-  params = _params()
+  params = make_params()
   spec = jlora.LoraSpec(rank=3, alpha=6, use_rslora=True,
                         targets=r"params/layers/(query|out|up)/kernel|params/lm_head/kernel",
                         rank_pattern={"lm_head/kernel": 2},
@@ -72,11 +45,11 @@ def setup(tmp_path_factory):
       lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)),
       trainable)
   files = dict(
-      base=jlora.save_params(tmp / "base", params),
-      base_st=jlora.save_params(tmp / "base.safetensors", params),
-      adapter=jlora.save_adapter(tmp / "adapter", trainable, spec, base=frozen),
+      base=jlora.base.save(tmp / "base", params),
+      base_st=jlora.base.save(tmp / "base.safetensors", params),
+      adapter=jlora.orbax.save(tmp / "adapter", trainable, spec, base=frozen),
       peft=tmp / "peft")
-  jlora.save_peft(files["peft"], trainable, jlora.PeftRules.scanned(), spec=spec)
+  jlora.peft.save(files["peft"], trainable, jlora.peft.Rules.scanned(), spec=spec)
   return dict(params=params, spec=spec, frozen=frozen, trainable=trainable, tmp=tmp, **files)
 
 
@@ -97,54 +70,6 @@ def assert_one_line_error(rc, out, err, *fragments):
     assert frag in lines[0], lines[0]
 
 
-def assert_params_equal(got, want):
-  """Same paths, shapes, dtypes and bits (flat '/'-joined paths)."""
-  want = {jlora.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(want)}
-  assert set(got) == set(want)
-  for p, w in want.items():
-    g = got[p]
-    assert g.shape == w.shape and g.dtype == w.dtype, p
-    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=p)
-
-
-def flat_params(path):
-  return {jlora.path_str(kp): x for kp, x in
-          jax.tree_util.tree_leaves_with_path(jlora.load_params(path))}
-
-
-# -- bases on disk -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["base", "base_st"])
-def test_save_params_round_trip_keeps_dtypes(setup, name):
-  params = setup["params"]
-  back = jlora.load_params(setup[name], like=params)
-  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
-  assert_params_equal(flat_params(setup[name]), params)
-  assert back["params"]["lm_head"]["kernel"].dtype == jnp.bfloat16
-  if name == "base_st":  # the safetensors keys are the '/'-joined paths
-    with safe_open(setup[name], "numpy") as f:
-      keys = set(f.keys())
-    assert "params/layers/query/kernel" in keys and "params/lm_head/kernel" in keys
-  else:  # params/ is a standard orbax PyTree checkpoint of the nested dicts
-    plain = ocp.StandardCheckpointer().restore(setup[name] / "params")
-    np.testing.assert_array_equal(plain["params"]["layers"]["up"]["kernel"],
-                                  params["params"]["layers"]["up"]["kernel"])
-
-
-def test_load_params_like_mismatch_and_overwrite(setup, tmp_path):
-  like = jax.tree.map(lambda x: x, setup["params"])
-  like["params"]["lm_head"]["kernel"] = jnp.zeros((D, VOCAB), jnp.float32)
-  with pytest.raises(jlora.LoraError, match="params/lm_head/kernel"):
-    jlora.load_params(setup["base_st"], like=like)
-  with pytest.raises(jlora.LoraError, match="already exists"):
-    jlora.save_params(setup["base"], setup["params"])
-  p = jlora.save_params(tmp_path / "b", {"w": jnp.ones(3)})
-  jlora.save_params(p, {"w": jnp.zeros(2)}, overwrite=True)
-  np.testing.assert_array_equal(jlora.load_params(p)["w"], np.zeros(2))
-  assert sorted(os.listdir(tmp_path)) == ["b"]  # no staging directories left
-
-
 # -- inspect --------------------------------------------------------------------
 
 
@@ -160,8 +85,8 @@ def test_inspect_jlora_adapter(setup, capsys):
   assert spec["rank_pattern"] == {"lm_head/kernel": 2}
   by_path = {t["path"]: t for t in info["targets"]}
   flat_t = {jlora.path_str(kp): x for kp, x in
-            jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_lp)[0]}
-  lora = {p: x for p, x in flat_t.items() if _is_lp(x)}
+            jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_lp)[0]}
+  lora = {p: x for p, x in flat_t.items() if is_lp(x)}
   assert set(by_path) == set(lora)
   for p, lp in lora.items():
     t = by_path[p]
@@ -176,7 +101,7 @@ def test_inspect_jlora_adapter(setup, capsys):
   assert info["bytes"] == sum(x.size * x.dtype.itemsize for x in leaves)
   assert {e["path"] for e in info["extra_trainable"]} == {
       "params/layers/LayerNorm_0/scale", "params/layers/LayerNorm_0/bias"}
-  meta = jlora.adapter_metadata(setup["adapter"])
+  meta = jlora.orbax.metadata(setup["adapter"])
   assert info["base"]["sha256"] == meta["base"]["sha256"]
   params = jax.tree.leaves(setup["params"])
   assert info["base"]["params"] == len(params)  # the fingerprint's and the extras
@@ -192,7 +117,7 @@ def test_inspect_peft_folder(setup, capsys):
   rc, out, err = run(capsys, "inspect", setup["peft"], "--json")
   assert rc == 0, err
   info = json.loads(out)
-  assert info["format"] == "peft" and info["base"] is None
+  assert info["format"] == "peft" and info["base"] is None and info["checksums"] == "ok"
   assert (info["spec"]["rank"], info["spec"]["alpha"], info["spec"]["use_rslora"]) == (3, 6, True)
   tensors = load_file(setup["peft"] / "adapter_model.safetensors")
   assert info["trainable_params"] == sum(t.size for t in tensors.values())
@@ -272,7 +197,7 @@ def test_merge_peft_folder_matches_merge(setup, capsys, tmp_path):
   rc, _, _ = run(capsys, "merge", "--base", setup["base"], "--adapter", setup["peft"],
                  "--out", tmp_path / "m2", "--format", "orbax", *SCANNED)
   assert rc == 0
-  assert_params_equal(flat_params(tmp_path / "m2"), jlora.load_params(out))
+  assert_params_equal(flat_params(tmp_path / "m2"), jlora.base.load(out))
 
 
 def test_merge_peft_layout_from_flag_when_shapes_are_ambiguous(setup, capsys, tmp_path):
@@ -280,7 +205,7 @@ def test_merge_peft_layout_from_flag_when_shapes_are_ambiguous(setup, capsys, tm
   params = jax.tree.map(lambda x: x, setup["params"])
   w0 = np.asarray(params["params"]["layers"]["out"]["kernel"]).reshape(L, H * HD, 1, D)
   params["params"]["layers"]["out"]["kernel"] = jnp.asarray(w0)
-  base = jlora.save_params(tmp_path / "b.safetensors", params)
+  base = jlora.base.save(tmp_path / "b.safetensors", params)
   argv = ["merge", "--base", base, "--adapter", setup["peft"], *SCANNED]
   assert_one_line_error(*run(capsys, *argv, "--out", tmp_path / "m1.safetensors"),
                         "params/layers/out/kernel", "--layout")
@@ -315,13 +240,13 @@ def test_convert_round_trip_orbax_peft_orbax(setup, capsys, tmp_path):
                      setup["base"], *SCANNED)
   assert rc == 0, err
   # Loads in Python onto the nested-dict tree: the fingerprint kept the tree's order.
-  loaded, spec = jlora.load_adapter(back, base=setup["frozen"])
+  loaded, spec = jlora.orbax.load(back, base=setup["frozen"])
   orig = setup["trainable"]
-  assert jax.tree_util.tree_structure(loaded, is_leaf=_is_lp) == \
-      jax.tree_util.tree_structure(orig, is_leaf=_is_lp)
-  for (p, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(loaded, is_leaf=_is_lp),
-                            jax.tree_util.tree_leaves_with_path(orig, is_leaf=_is_lp)):
-    if _is_lp(w):
+  assert jax.tree_util.tree_structure(loaded, is_leaf=is_lp) == \
+      jax.tree_util.tree_structure(orig, is_leaf=is_lp)
+  for (p, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(loaded, is_leaf=is_lp),
+                            jax.tree_util.tree_leaves_with_path(orig, is_leaf=is_lp)):
+    if is_lp(w):
       assert (g.layout, g.scale, g.rank) == (w.layout, w.scale, w.rank), p
       for name in ("a", "b"):
         np.testing.assert_array_equal(getattr(g, name), getattr(w, name))
@@ -349,16 +274,29 @@ def bad(setup):
   (tmp / "notes.txt").write_text("hello")
   other = jax.tree.map(lambda x: x, setup["params"])
   other["params"]["layers"]["up"]["kernel"] = jnp.zeros((L, D, MLP + 1))
-  other_base = jlora.save_params(tmp / "other.safetensors", other)
+  other_base = jlora.base.save(tmp / "other.safetensors", other)
   fewer = jax.tree.map(lambda x: x, setup["params"])
   del fewer["params"]["embed"]
-  fewer_base = jlora.save_params(tmp / "fewer.safetensors", fewer)
+  fewer_base = jlora.base.save(tmp / "fewer.safetensors", fewer)
   garbled = tmp / "garbled"
   shutil.copytree(setup["adapter"], garbled)
   for f in (garbled / "adapter_meta").rglob("*"):
     if f.is_file():
       f.write_text("{not json")
-  return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled)
+  user = tmp / "user"                                  # someone's project
+  (user / "src").mkdir(parents=True)
+  (user / "src" / "train.py").write_text("print('mine')")
+  truncated = tmp / "truncated"
+  shutil.copytree(setup["adapter"], truncated)
+  for f in sorted((truncated / "adapter").rglob("*")):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  changed = tmp / "changed_peft"                       # a config edited under its tensors
+  shutil.copytree(setup["peft"], changed)
+  config = json.loads((changed / "adapter_config.json").read_text())
+  (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 99}))
+  return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled, user=user,
+              truncated=truncated, changed=changed)
 
 
 ERRORS = {
@@ -400,7 +338,7 @@ ERRORS = {
     "missing --out": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["adapter"]],
                       ["--out"]),
     "bad --rules": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c4", "--to", "peft",
-                                  "--rules", "llama"], ["--rules", "invalid choice"]),
+                                  "--rules", "t5"], ["--rules", "invalid choice"]),
     "bad --to": (lambda s, b: ["convert", s["adapter"], b["tmp"] / "c5", "--to", "onnx"],
                  ["--to"]),
     "bad --layout": (lambda s, b: ["merge", "--base", s["base"], "--adapter", s["peft"],
@@ -412,6 +350,32 @@ ERRORS = {
     "bad --format for out": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
                                            s["adapter"], "--out", b["tmp"] / "o9",
                                            "--format", "safetensors"], [".safetensors"]),
+    # --overwrite never replaces an input, nor what jlora did not write (issue 10 item 1).
+    "--out is the adapter": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                           s["adapter"], "--out", s["adapter"], "--overwrite"],
+                             ["is the input --adapter", "never replaces an input"]),
+    "--out is the base": (lambda s, b: ["merge", "--base", s["base_st"], "--adapter",
+                                        s["adapter"], "--out", s["base_st"], "--overwrite"],
+                          ["is the input --base"]),
+    "--out holds the inputs": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                             s["adapter"], "--out", s["tmp"], "--overwrite"],
+                               ["contains the input --base"]),
+    "--out inside an input": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                            s["adapter"], "--out",
+                                            s["adapter"] / "merged.safetensors"],
+                              ["lies inside the input --adapter"]),
+    "--out is a user's folder": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                               s["adapter"], "--out", b["user"], "--overwrite"],
+                                 ["is not a base written by jlora", "refusing to replace it"]),
+    "convert onto its source": (lambda s, b: ["convert", s["adapter"], s["adapter"], "--to",
+                                              "peft", "--overwrite"], ["is the input SRC"]),
+    "convert onto a user's folder": (lambda s, b: ["convert", s["adapter"], b["user"], "--to",
+                                                   "peft", "--overwrite", *SCANNED],
+                                     ["is not a PEFT folder written by jlora"]),
+    "inspect a corrupted adapter": (lambda s, b: ["inspect", b["truncated"]],
+                                    ["is corrupted", "truncated"]),
+    "inspect a changed PEFT folder": (lambda s, b: ["inspect", b["changed"]],
+                                      ["was changed after jlora wrote this folder"]),
 }
 
 
@@ -420,12 +384,25 @@ def test_errors_are_one_line(setup, bad, capsys, case):
   make_argv, fragments = ERRORS[case]
   rc, out, err = run(capsys, *make_argv(setup, bad))
   assert_one_line_error(rc, out, err, *fragments)
+  assert (bad["user"] / "src" / "train.py").read_text() == "print('mine')"
+  assert jlora.orbax.metadata(setup["adapter"])["format"] == "jlora.adapter"
+
+
+def test_inspect_of_a_corrupted_adapter_prints_one_line(setup, bad):
+  """No orbax log records nor asyncio tracebacks, in a fresh process either."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "jlora", "inspect", str(bad["truncated"])],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 1 and proc.stdout == ""
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jlora: error: checkpoint "), proc.stderr
+  assert "is corrupted" in lines[0]
 
 
 def test_unexpected_errors_show_a_traceback_only_with_debug(setup, capsys, monkeypatch):
   def boom(args):
     raise RuntimeError("a bug")
-  monkeypatch.setattr(cli, "_inspect_jlora", boom)
+  monkeypatch.setattr(jlora.orbax, "describe", boom)
   rc, out, err = run(capsys, "inspect", setup["adapter"])
   assert_one_line_error(rc, out, err, "unexpected RuntimeError: a bug", "--debug")
   with pytest.raises(RuntimeError, match="a bug"):
@@ -462,11 +439,3 @@ def test_console_script(setup, tmp_path):
                         capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 1 and proc.stdout == ""
   assert proc.stderr.strip().splitlines() == [f"jlora: error: '{tmp_path / 'nope'}' does not exist"]
-
-
-def test_order_without_stored_order_is_jax_order():
-  """A safetensors base from another tool has no leaf order; JAX's is rebuilt."""
-  tree = {"params": {"layers_10": {"kernel": 0}, "layers_2": {"kernel": 0}, "a": 0},
-          "blocks": {i: {"w": 0} for i in range(12)}}
-  paths = [jlora.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  assert base_files._canonical_order(sorted(paths)) == paths

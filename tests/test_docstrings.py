@@ -10,8 +10,13 @@ import jlora
 
 
 def _modules():
-  names = ["jlora"] + [f"jlora.{m.name}" for m in pkgutil.iter_modules(jlora.__path__)]
+  """Every module of jlora, subpackages (jlora.peft, jlora.orbax) included."""
+  names = ["jlora"] + [m.name for m in pkgutil.walk_packages(jlora.__path__, "jlora.")]
   return sorted(names)
+
+
+def test_subpackages_are_collected():
+  assert {"jlora.peft.export", "jlora.orbax.manager", "jlora.base"} <= set(_modules())
 
 
 @pytest.mark.parametrize("name", _modules())

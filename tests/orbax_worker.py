@@ -1,4 +1,4 @@
-"""Training problem shared by test_checkpoint.py and its subprocesses.
+"""Training problem shared by the orbax tests and their subprocesses.
 
 Run as a script, it does one thing in a fresh process (the tests kill it or
 check what it leaves behind):
@@ -9,6 +9,8 @@ check what it leaves behind):
                         write and its finalize (the rename)
   hang_adapter AD       save adapter AD, then overwrite it, stopping likewise
   big_save DIR          save step 1, then a large step 2 (the test kills it mid-write)
+  no_close DIR          start an async save of a large step 1 and exit normally, without
+                        waiting for it or closing the manager
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def train(step_fn, trainable, opt_state, start: int, stop: int):
 
 def _resume(directory):
   _, frozen, trainable, tx, opt_state = problem()
-  with jlora.CheckpointManager(directory, base=frozen, spec=SPEC, max_to_keep=5) as mngr:
+  with jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC, max_to_keep=5) as mngr:
     restored = mngr.restore(opt_state=opt_state)
     assert restored.step == 5, restored.step
     trainable, opt_state = train(make_step(frozen, tx), restored.trainable, restored.opt_state, 5, 10)
@@ -105,14 +107,14 @@ def _mesh8(directory):
   tx = jlora.optimizer(optax.adam(1e-2), trainable)
   opt_state = tx.init(trainable)
   assert trainable["l1"]["kernel"].b.sharding.spec == P(None, "x")
-  with jlora.CheckpointManager(directory, base=frozen, spec=SPEC) as mngr:
+  with jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC) as mngr:
     mngr.save(3, trainable, opt_state)
 
   # Restore onto a 2x4 mesh with the weights sharded on both axes.
   mesh2 = Mesh(devices.reshape(2, 4), ("a", "b"))
   _, frozen2, fresh2 = mesh_trees(mesh2, P("a", "b"), P("b", "a"))
   template = tx.init(fresh2)
-  with jlora.CheckpointManager(directory, base=frozen2) as mngr:
+  with jlora.orbax.CheckpointManager(directory, base=frozen2) as mngr:
     got = mngr.restore(opt_state=template)
   want_leaves = jax.tree.leaves(trainable)
   for kind, restored, target, want in (("trainable", got.trainable, fresh2, trainable),
@@ -124,14 +126,14 @@ def _mesh8(directory):
   assert got.trainable["l1"]["kernel"].b.sharding.spec == P(None, "b")
   assert got.trainable["l2"]["kernel"].b.sharding.spec == P(None, "a")
   # A trainable template overrides the shardings derived from the base.
-  with jlora.CheckpointManager(directory, base=frozen2) as mngr:
+  with jlora.orbax.CheckpointManager(directory, base=frozen2) as mngr:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             fresh)
     got = mngr.restore(opt_state=template, trainable=abstract)
   for r, f in zip(jax.tree.leaves(got.trainable), jax.tree.leaves(fresh)):
     assert r.sharding == f.sharding, (r.sharding, f.sharding)
-  # load_adapter places factors from the base's shardings as lora_transform does.
-  loaded, _ = jlora.load_adapter(mngr.step_path(3), base=frozen2)
+  # jlora.orbax.load places factors from the base's shardings as lora_transform does.
+  loaded, _ = jlora.orbax.load(mngr.step_path(3), base=frozen2)
   for r, f in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh2)):
     assert r.sharding == f.sharding, (r.sharding, f.sharding)
   assert all(np.array_equal(np.asarray(r), np.asarray(w))
@@ -156,7 +158,7 @@ def _stop_before_finalize():
 
 def _hang_manager(directory):
   _, frozen, trainable, tx, opt_state = problem()
-  mngr = jlora.CheckpointManager(directory, base=frozen, spec=SPEC)
+  mngr = jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC)
   mngr.save(1, shifted(trainable, 1.0), opt_state)
   mngr.wait_until_finished()
   _stop_before_finalize()
@@ -167,15 +169,15 @@ def _hang_manager(directory):
 
 def _hang_adapter(adapter_dir):
   _, frozen, trainable, tx, opt_state = problem()
-  jlora.save_adapter(adapter_dir, shifted(trainable, 1.0), SPEC, base=frozen)
+  jlora.orbax.save(adapter_dir, shifted(trainable, 1.0), SPEC, base=frozen)
   _stop_before_finalize()
-  jlora.save_adapter(adapter_dir, shifted(trainable, 2.0), SPEC, base=frozen, overwrite=True)
+  jlora.orbax.save(adapter_dir, shifted(trainable, 2.0), SPEC, base=frozen, overwrite=True)
   print("NOT REACHED", flush=True)
 
 
 def _big_save(directory):
   params, frozen, trainable, tx, opt_state = problem()
-  with jlora.CheckpointManager(directory, base=frozen, spec=SPEC) as mngr:
+  with jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC) as mngr:
     mngr.save(1, shifted(trainable, 1.0), opt_state)
     mngr.wait_until_finished()
     print("SAVED 1", flush=True)
@@ -186,7 +188,15 @@ def _big_save(directory):
   print("SAVED 2", flush=True)
 
 
+def _no_close(directory):
+  _, frozen, trainable, tx, opt_state = problem()
+  mngr = jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC)
+  big = (opt_state, np.random.default_rng(0).standard_normal((1024, 1024), np.float32))
+  mngr.save(1, shifted(trainable, 1.0), big)
+  print("STARTED", flush=True)   # and the interpreter exits
+
+
 if __name__ == "__main__":
   mode, *rest = sys.argv[1:]
   {"resume": _resume, "mesh8": _mesh8, "hang_manager": _hang_manager,
-   "hang_adapter": _hang_adapter, "big_save": _big_save}[mode](*rest)
+   "hang_adapter": _hang_adapter, "big_save": _big_save, "no_close": _no_close}[mode](*rest)

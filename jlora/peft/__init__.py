@@ -1,0 +1,37 @@
+"""PEFT adapter folders: export jlora adapters to PyTorch PEFT, import PEFT's.
+
+A PEFT LoRA adapter is a folder with ``adapter_config.json`` and
+``adapter_model.safetensors`` (see ``jlora.peft.names``), the format Hugging
+Face PEFT, vLLM, LoRAX, MaxText and levanter read. Flax names parameters by
+path (``transformer/h/0/attn/c_attn/kernel``), PyTorch by module
+(``transformer.h.0.attn.c_attn``): a ``Rules`` (or a plain function) says
+how one becomes the other, and weights that ``nn.scan`` stacks along a layer
+axis become one PyTorch module per layer.
+
+* ``save(path, trainable, rules, ...)``: writes a folder PEFT loads;
+* ``load(path, params, rules, ...)``: reads one into jlora factors (an
+  ``Adapter``);
+* ``describe(path)``: what a folder holds, as a dict (``jlora inspect``).
+
+The modules: ``names`` (file names and keys), ``rules`` (``Rules``), ``config``
+(what jlora refuses, PEFT's matching), ``axes`` (factor axes to and from
+PyTorch), ``export``, ``load`` and ``describe``.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jlora, tempfile
+  >>> params = {"fc": {"kernel": jnp.ones((8, 4))}}
+  >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["fc/kernel"])
+  >>> _, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+  >>> folder = tempfile.mkdtemp()
+  >>> jlora.peft.save(folder, trainable, jlora.peft.Rules(), spec=spec)["target_modules"]
+  ['fc']
+  >>> jlora.peft.load(folder, params, jlora.peft.Rules()).spec.rank
+  2
+"""
+
+from jlora.peft.describe import describe, is_adapter
+from jlora.peft.export import save
+from jlora.peft.load import Adapter, load
+from jlora.peft.rules import Rules
+
+__all__ = ["Adapter", "Rules", "describe", "is_adapter", "load", "save"]

@@ -1,0 +1,326 @@
+"""Export: a jlora adapter as a PEFT LoRA adapter folder (``jlora.peft.save``)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jlora import _atomic
+from jlora.errors import LoraLayoutError, LoraPeftError
+from jlora._paths import flatten_with_paths
+from jlora.lora_param import LoraParam
+from jlora.spec import LoraSpec
+from jlora.peft import config as peft_config
+from jlora.peft import mark, names
+from jlora.layout import Layout
+from jlora.peft import axes
+from jlora.peft.axes import factors_to_torch
+from jlora.peft.rules import Rules, RulesLike, as_rules
+
+
+def _clean_number(x: float) -> int | float:
+  """An alpha recovered from a float scale: 7.999999999 -> 8."""
+  nearest = round(x)
+  if abs(x - nearest) <= 1e-6 * max(1.0, abs(x)):
+    return int(nearest)
+  return float(x)
+
+
+def _is_lora_param(x: Any) -> bool:
+  return isinstance(x, LoraParam)
+
+
+def _module_template(rules: Rules, path: str, what: str) -> str:
+  template = rules(path)
+  if template is None:
+    raise LoraPeftError(f"'{path}': the rules give no PyTorch module name for this {what}; "
+                        f"add a pattern to jlora.peft.Rules (or return a name from your "
+                        f"rule function)")
+  if not isinstance(template, str) or not template:
+    raise LoraPeftError(f"'{path}': the rules returned {template!r}, not a module name")
+  return template
+
+
+def _claim(owners: dict[str, str], module: str, path: str) -> None:
+  prev = owners.setdefault(module, path)
+  if prev != path:
+    raise LoraPeftError(f"'{path}' and '{prev}' both map to PyTorch module '{module}'; "
+                        f"the rules must give each parameter its own module")
+
+
+def _flax_order(path: str, rules: Rules, spec: LoraSpec | None,
+                layouts: Mapping[str, Layout] | None) -> str:
+  """How the Flax side stores a 2-D kernel: its layout if given, else the
+  rules' kernel_order; refused when neither says."""
+  layout = (layouts or {}).get(path)
+  if layout is None and spec is not None:
+    layout = spec.layout_override(path)
+  order = axes.layout_order(layout) if layout is not None else rules.kernel_order
+  if order is None:
+    raise LoraLayoutError(f"'{path}' is trained in full, and nothing says whether it is "
+                          f"stored (in, out) or (out, in): PyTorch needs to know; "
+                          f"{axes.kernel_order_hint(path)}")
+  return order
+
+
+def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
+  arr = np.asarray(jax.device_get(x))
+  return arr.astype(dtype) if dtype is not None else arr
+
+
+def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
+         spec: LoraSpec | None = None, use_rslora: bool | None = None,
+         base_model_name_or_path: str | None = None,
+         target_modules: Sequence[str] | str | None = None,
+         task_type: str | None = None, dtype: Any = None,
+         extra_config: Mapping[str, Any] | None = None,
+         layouts: Mapping[str, Layout] | None = None,
+         overwrite: bool = False) -> dict[str, Any]:
+  """Writes ``trainable``'s adapters as a PEFT LoRA adapter folder.
+
+  Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as
+  ``PeftModel.save_pretrained`` does (plus jlora's checksums in the
+  safetensors metadata, which ``jlora.peft.load`` verifies), so that
+  ``PeftModel.from_pretrained(torch_base_model, path)`` (and readers of the
+  format such as vLLM) load it. Each adapted weight becomes
+  ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
+  ``(out, r)``: the transposes of jlora's ``a (in, r)`` and ``b (r, out)``, with
+  multi-axis in/out axes flattened in the weight's axis order and each
+  index of a stack axis (``nn.scan`` layers) written as its own module.
+  Plain arrays in ``trainable`` (``LoraSpec.extra_trainable``) are written
+  as PEFT ``modules_to_save`` under their PyTorch names, which requires
+  every parameter of their module to be trained in full.
+
+  The folder is written atomically: staged beside ``path`` and swapped in,
+  so a reader finds the old folder or the new one, never a config of one
+  with the tensors of the other, even if the process is killed.
+
+  ``lora_alpha`` is recovered from each ``LoraParam.scale``: ``scale * r``,
+  or ``scale * sqrt(r)`` with rsLoRA. Whether rsLoRA was used is not stored
+  in a ``LoraParam``; it comes from ``use_rslora``, else ``spec.use_rslora``,
+  else ``False``. Either way PEFT computes the same scale; the flag only
+  decides which alpha the file records. ``r``/``lora_alpha`` are the most
+  common values; modules that differ go to ``rank_pattern``/``alpha_pattern``
+  keyed by their escaped full module name, anchored (``^transformer\\.h\\.0...``)
+  so that PEFT applies each key to that module only.
+
+  Args:
+    path: the folder to write (created; an existing empty folder is used).
+    trainable: the trainable tree from ``jlora.lora_transform`` (or
+      ``jlora.peft.load``), possibly trained.
+    rules: how parameter paths name PyTorch modules: a ``jlora.peft.Rules``
+      or a function (see ``Rules``).
+    spec: the ``LoraSpec`` the adapters were made with; supplies
+      ``use_rslora`` and exact alphas, and is checked against each scale.
+    use_rslora: overrides ``spec.use_rslora``.
+    base_model_name_or_path: recorded in the config (a Hub id or folder).
+    target_modules: the config's ``target_modules``. By default the distinct
+      last names of the adapted modules (``["c_attn", "c_fc"]``), or the full
+      module names when short names would also select a module left without
+      LoRA. A value given here must select exactly the adapted modules.
+    task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``...), recorded as is.
+    dtype: cast the tensors to this dtype (default: as stored).
+    extra_config: more keys for ``adapter_config.json`` (written last).
+    layouts: path -> Layout of kernels trained in full whose storage the
+      rules' ``kernel_order`` does not give (``jlora.infer_layouts``).
+    overwrite: replace an existing folder at ``path`` (one jlora wrote).
+
+  Returns:
+    The config written to ``adapter_config.json``.
+
+  Raises:
+    LoraPeftError: a parameter has no module name, two map to one module,
+      the stack axes and the rules disagree, the tree holds something
+      PEFT's format cannot express, ``path`` exists (without ``overwrite``,
+      or is not a folder jlora wrote), or the file system refused.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, tempfile
+    >>> params = {"fc": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["fc/kernel"])
+    >>> frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
+    >>> config = jlora.peft.save(tempfile.mkdtemp(), trainable, jlora.peft.Rules(), spec=spec)
+    >>> config["r"], config["lora_alpha"], config["target_modules"]
+    (2, 4, ['fc'])
+  """
+  directory = os.fspath(path)
+  rules = as_rules(rules)
+  pairs, _ = flatten_with_paths(trainable, is_leaf=_is_lora_param)
+  if use_rslora is None:
+    use_rslora = bool(spec.use_rslora) if spec is not None else False
+  tensors: dict[str, np.ndarray] = {}
+  owners: dict[str, str] = {}
+  lora_modules: dict[str, tuple[int, int | float]] = {}
+  lora_templates: set[str] = set()
+  dropouts: list[float] = []
+
+  for path, leaf in pairs:
+    if not _is_lora_param(leaf):
+      continue
+    if path.rpartition("/")[2] == "embedding":
+      raise LoraPeftError(
+          f"'{path}': PEFT stores LoRA on an embedding as lora_embedding_A/B of an "
+          f"nn.Embedding, which jlora does not export; exclude embeddings from targets")
+    template = _module_template(rules, path, "adapted weight")
+    layout, r = leaf.layout, leaf.rank
+    n_stack = len(layout.stack_axes)
+    if names.n_stack(template) != n_stack:
+      raise LoraPeftError(
+          f"'{path}': the rules name it '{template}' with {names.n_stack(template)} stack-index "
+          f"field(s), but its layout {layout} has {n_stack} stack axes (one PyTorch "
+          f"module per index, e.g. '{{layer}}' in a Rules pattern)")
+    root = math.sqrt(r) if use_rslora else r
+    alpha = _clean_number(leaf.scale * root)
+    if spec is not None:
+      want = spec.scale_for(path)
+      if not math.isclose(want, leaf.scale, rel_tol=1e-6):
+        raise LoraPeftError(
+            f"'{path}': its scale {leaf.scale} is not the spec's {want} (rank "
+            f"{spec.rank_for(path)}, alpha {spec.alpha_for(path)}, use_rslora "
+            f"{spec.use_rslora}); pass the LoraSpec these adapters were made with")
+      if spec.use_rslora == use_rslora and spec.rank_for(path) == r:
+        alpha = _clean_number(spec.alpha_for(path))
+    a, b = _to_numpy(leaf.a, dtype), _to_numpy(leaf.b, dtype)
+    for idx in np.ndindex(*a.shape[:n_stack]):
+      module = template.format(*idx)
+      _claim(owners, module, path)
+      lora_a, lora_b = factors_to_torch(a[idx], b[idx], layout)
+      tensors[names.lora_key(module, "A")] = lora_a
+      tensors[names.lora_key(module, "B")] = lora_b
+      lora_modules[module] = (r, alpha)
+    lora_templates.add(template)
+    dropouts.append(float(leaf.dropout))
+  if not lora_modules:
+    raise LoraPeftError("trainable holds no jlora.LoraParam: nothing to export")
+
+  # Weights trained in full -> modules_to_save, whole modules only.
+  by_template: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
+  for path, leaf in pairs:
+    template = rules(path)
+    if template is not None:
+      by_template[template].append((path, leaf))
+  saved: list[str] = []
+  for path, leaf in pairs:
+    if leaf is None or _is_lora_param(leaf):
+      continue
+    template = _module_template(rules, path, "weight trained in full")
+    for other, other_leaf in by_template[template]:
+      if other_leaf is None or _is_lora_param(other_leaf):
+        raise LoraPeftError(
+            f"'{path}' is trained in full but '{other}' of the same PyTorch module "
+            f"'{template}' is {'adapted' if other_leaf is not None else 'frozen'}; "
+            f"PEFT's modules_to_save trains whole modules (its bias='all'/'lora_only' "
+            f"options are not exported)")
+    leaf_name = path.rpartition("/")[2]
+    torch_name = rules.leaf_names.get(leaf_name)
+    if torch_name is None:
+      raise LoraPeftError(f"'{path}': no PyTorch parameter name for leaf '{leaf_name}'; "
+                          f"add it to Rules.leaf_names")
+    arr = _to_numpy(leaf, dtype)
+    k = names.n_stack(template)
+    if arr.ndim < k:
+      raise LoraPeftError(f"'{path}': shape {arr.shape} has fewer axes than the "
+                          f"{k} stack indices of '{template}'")
+    for idx in np.ndindex(*arr.shape[:k]):
+      module = template.format(*idx)
+      _claim(owners, f"{module}.{torch_name}", path)
+      w = arr[idx]
+      if leaf_name in rules.kernel_leaves:
+        if w.ndim != 2:
+          raise LoraPeftError(f"'{path}': a {w.ndim}-D kernel trained in full has no "
+                              f"PyTorch layout; only 2-D kernels are exported")
+        torch_order = "in_out" if rules.is_in_out(module) else "out_in"
+        if _flax_order(path, rules, spec, layouts) != torch_order:
+          w = w.T
+      tensors[names.full_key(module, torch_name)] = np.ascontiguousarray(w)
+      if module not in saved:
+        saved.append(module)
+  for module in saved:
+    for lora in lora_modules:
+      if lora.startswith(module + "."):
+        raise LoraPeftError(f"PyTorch module '{lora}' is adapted but lies inside "
+                            f"'{module}', which is trained in full (modules_to_save)")
+
+  r_global = collections.Counter(r for r, _ in lora_modules.values()).most_common(1)[0][0]
+  alpha_global = collections.Counter(a for _, a in lora_modules.values()).most_common(1)[0][0]
+  # Each key is anchored to its own module: PEFT matches a key against every
+  # '.'-aligned suffix of a module name, so 'fc' alone would also pick 'block.fc'.
+  rank_pattern = {"^" + re.escape(m): r for m, (r, _) in lora_modules.items() if r != r_global}
+  alpha_pattern = {"^" + re.escape(m): a for m, (_, a) in lora_modules.items()
+                   if a != alpha_global}
+
+  # Modules the Flax tree knows of that PEFT could adapt but jlora did not.
+  saved_templates = {rules(p) for p, leaf in pairs if leaf is not None and not _is_lora_param(leaf)}
+  others = sorted({t for p, leaf in pairs
+                   if p.rpartition("/")[2] in rules.kernel_leaves and not _is_lora_param(leaf)
+                   and (t := rules(p)) is not None and t not in lora_templates
+                   and t not in saved_templates})
+  if target_modules is None:
+    short = sorted({m.rpartition(".")[2] for m in lora_modules})
+    if any(not s or s.isdigit() for s in short) or any(
+        t.rpartition(".")[2] in short for t in others):
+      target_modules = list(lora_modules)
+    else:
+      target_modules = short
+  else:
+    target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+    probe = {"target_modules": target_modules, "modules_to_save": saved or None}
+    for m in lora_modules:
+      if peft_config.targets(probe, m) is False:
+        raise LoraPeftError(f"target_modules {target_modules!r} does not select adapted "
+                            f"module '{m}'; PEFT would ignore its weights")
+    for t in others:
+      m = names.first_module(t)
+      if peft_config.targets(probe, m):
+        raise LoraPeftError(f"target_modules {target_modules!r} selects '{m}', which has "
+                            f"no LoRA factors; PEFT would add an untrained adapter there")
+
+  config: dict[str, Any] = {
+      "alpha_pattern": alpha_pattern,
+      "auto_mapping": None,
+      "base_model_name_or_path": base_model_name_or_path,
+      "bias": "none",
+      "fan_in_fan_out": any(rules.is_in_out(m) for m in lora_modules),
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "layer_replication": None,
+      "layers_pattern": None,
+      "layers_to_transform": None,
+      "loftq_config": {},
+      "lora_alpha": alpha_global,
+      "lora_dropout": collections.Counter(dropouts).most_common(1)[0][0],
+      "megatron_config": None,
+      "megatron_core": "megatron.core",
+      "modules_to_save": saved or None,
+      "peft_type": "LORA",
+      "r": r_global,
+      "rank_pattern": rank_pattern,
+      "revision": None,
+      "target_modules": target_modules,
+      "task_type": task_type,
+      "use_dora": False,
+      "use_rslora": bool(use_rslora),
+  }
+  config.update(extra_config or {})
+  peft_config.check(config, "jlora.peft.save config")
+
+  from safetensors.numpy import save_file
+  st_metadata = mark.metadata(config, tensors)
+
+  def write(folder: pathlib.Path) -> None:
+    folder.mkdir()
+    with open(folder / names.CONFIG_NAME, "w") as f:
+      f.write(json.dumps(config, indent=2, sort_keys=True))
+    save_file(tensors, os.fspath(folder / names.WEIGHTS_NAME), metadata=st_metadata)
+
+  _atomic.replace(directory, write, overwrite=overwrite, owned=mark.is_owned,
+                  what="PEFT folder", error=LoraPeftError)
+  return config

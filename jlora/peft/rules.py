@@ -1,0 +1,304 @@
+"""Name rules: how Flax parameter paths name the PyTorch modules PEFT sees.
+
+``Rules`` maps a parameter path (``transformer/h/0/attn/c_attn/kernel``) to a
+PyTorch module name (``transformer.h.0.attn.c_attn``), says which modules
+store their weight ``(in, out)`` (``transformers``' ``Conv1D``), and how the
+Flax leaves are named in PyTorch. Ready-made rules cover plain module trees,
+``nn.scan`` stacks and Hugging Face models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping, Sequence, Union
+
+from jlora.errors import LoraSpecError
+from jlora.peft.names import DEFAULT_LEAF_NAMES
+
+# How a Flax 2-D kernel is stored: (in, out), (out, in), or unknown.
+KERNEL_ORDERS = ("in_out", "out_in", None)
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _split_template(template: str) -> list[tuple[str, str]]:
+  """``"a/{x}/b"`` -> ``[("lit", "a/"), ("var", "x"), ("lit", "/b")]``."""
+  parts, pos = [], 0
+  for m in _PLACEHOLDER.finditer(template):
+    if m.start() > pos:
+      parts.append(("lit", template[pos:m.start()]))
+    parts.append(("var", m.group(1)))
+    pos = m.end()
+  if pos < len(template):
+    parts.append(("lit", template[pos:]))
+  return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pattern:
+  flax: str
+  torch: str
+
+  def __post_init__(self):
+    fvars = [v for kind, v in _split_template(self.flax) if kind == "var"]
+    tvars = [v for kind, v in _split_template(self.torch) if kind == "var"]
+    for side, names in (("flax", fvars), ("torch", tvars)):
+      if len(set(names)) != len(names):
+        raise LoraSpecError(f"Rules pattern {(self.flax, self.torch)}: a placeholder "
+                            f"appears twice on the {side} side")
+    missing = sorted(set(fvars) - set(tvars))
+    if missing:
+      raise LoraSpecError(f"Rules pattern {(self.flax, self.torch)}: placeholders "
+                          f"{missing} of the Flax side are not used in the module name")
+
+  def _regex(self, side: str) -> re.Pattern:
+    fvars = {v for kind, v in _split_template(self.flax) if kind == "var"}
+    out = []
+    for kind, text in _split_template(self.flax if side == "flax" else self.torch):
+      if kind == "lit":
+        out.append(re.escape(text))
+      elif side == "flax":
+        out.append(f"(?P<{text}>[^/]+(?:/[^/]+)*)")
+      elif text in fvars:
+        out.append(f"(?P<{text}>[^.]+(?:\\.[^.]+)*)")
+      else:  # a stack index
+        out.append(f"(?P<{text}>\\d+)")
+    return re.compile("".join(out))
+
+  def forward(self, module_path: str) -> str | None:
+    m = self._regex("flax").fullmatch(module_path)
+    if m is None:
+      return None
+    out, n_stack = [], 0
+    for kind, text in _split_template(self.torch):
+      if kind == "lit":
+        out.append(text)
+      elif text in m.groupdict():
+        out.append(m.group(text).replace("/", "."))
+      else:
+        out.append("{%d}" % n_stack)
+        n_stack += 1
+    return "".join(out)
+
+  def backward(self, module: str) -> tuple[str, tuple[int, ...]] | None:
+    m = self._regex("torch").fullmatch(module)
+    if m is None:
+      return None
+    fvars = {v for kind, v in _split_template(self.flax) if kind == "var"}
+    index = tuple(int(m.group(v)) for kind, v in _split_template(self.torch)
+                  if kind == "var" and v not in fvars)
+    path = "".join(text if kind == "lit" else m.group(text).replace(".", "/")
+                   for kind, text in _split_template(self.flax))
+    return path, index
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """How Flax parameter paths name the PyTorch modules that PEFT sees.
+
+  A rule maps a parameter path minus its leaf name (the *module path*, e.g.
+  ``transformer/h/0/attn/c_attn`` for ``.../c_attn/kernel``) to a PyTorch
+  module name. Each pattern is a pair ``(flax_template, torch_template)``;
+  the first whose Flax side matches the whole module path wins:
+
+  * ``{name}`` on the Flax side matches one or more '/'-separated segments
+    and is written on the PyTorch side with '.' between them;
+  * a placeholder that appears only on the PyTorch side (``{layer}``) is a
+    stack index: weights stacked by ``nn.scan`` become one module per index
+    of their stack axis (the stack axes of the LoRA layout, in order).
+
+  The leaf name becomes the PyTorch parameter name through ``leaf_names``
+  (``kernel`` -> ``weight``, ``scale`` -> ``weight``, ...); this matters for
+  weights trained in full (PEFT's ``modules_to_save``), which are stored
+  under their PyTorch names and layouts.
+
+  Instead of a ``Rules``, ``jlora.peft.save`` and ``jlora.peft.load`` also accept a
+  function ``fn(path) -> str | None`` from a full parameter path to the
+  module name, with ``"{}"`` fields for stack indices
+  (``"model.layers.{}.self_attn.q_proj"``); ``None`` means "no module".
+
+  Attributes:
+    patterns: ``(flax_template, torch_template)`` pairs, tried in order.
+    fan_in_fan_out: which PyTorch modules store their weight ``(in, out)``
+      (``transformers``' ``Conv1D``, as in GPT-2) rather than ``(out, in)``
+      (``nn.Linear``): ``True`` for all, ``False`` for none, or a regex matched
+      in full against the module name. Decides the config's
+      ``fan_in_fan_out`` and whether a fully trained kernel is transposed.
+    leaf_names: Flax leaf name -> PyTorch parameter name.
+    kernel_leaves: leaf names of linear weights: the leaves LoRA factors
+      belong to when a file is read.
+    kernel_order: how the Flax side stores a 2-D kernel: ``"in_out"`` (Flax's
+      ``Dense``, ``nnx.Linear``), ``"out_in"`` (PyTorch-style: Equinox,
+      ``transformers``' Flax GPT-2), or None when unknown. It decides the
+      layout of a 2-D kernel read from a PEFT file (and the order of the in
+      and out axes of a stacked or multi-axis one, see
+      ``jlora.peft.axes.layouts_from_shapes``), and whether a kernel trained in
+      full is transposed. With None, the file's shapes must tell: a square
+      kernel is refused, naming it. Explicit ``layouts`` (from
+      ``jlora.infer_layouts``, which reads them from the model) always win.
+    function: if given, used instead of ``patterns`` (see above).
+
+  Example:
+    A model whose Flax names differ from the PyTorch ones: write one pattern
+    per difference, then a catch-all.
+
+    >>> rules = Rules(patterns=[
+    ...     ("params/blocks_{i}/attn/{proj}", "model.layers.{i}.self_attn.{proj}"),
+    ...     ("params/{module}", "{module}")])
+    >>> rules("params/blocks_3/attn/q_proj/kernel")
+    'model.layers.3.self_attn.q_proj'
+    >>> rules.param_path("model.layers.3.self_attn.q_proj")
+    ('params/blocks_3/attn/q_proj/kernel', ())
+
+    The ready-made rules:
+
+    >>> rules = Rules.scanned(stack="params/layers", prefix="model.layers",
+    ...                       renames={"query": "self_attn.q_proj"})
+    >>> rules("params/layers/query/kernel")          # one module per layer
+    'model.layers.{0}.self_attn.q_proj'
+    >>> rules("params/embed/embedding")
+    'embed'
+    >>> rules.param_path("model.layers.3.self_attn.q_proj")
+    ('params/layers/query/kernel', (3,))
+    >>> Rules.gpt2()("transformer/h/0/attn/c_attn/kernel")
+    'transformer.h.0.attn.c_attn'
+    >>> Rules.gpt2().kernel_order, Rules.llama()("model/layers/0/self_attn/q_proj/kernel")
+    ('out_in', 'model.layers.0.self_attn.q_proj')
+  """
+
+  patterns: Sequence[tuple[str, str]] = (("params/{module}", "{module}"),
+                                         ("{module}", "{module}"))
+  fan_in_fan_out: Union[bool, str] = False
+  leaf_names: Mapping[str, str] = dataclasses.field(
+      default_factory=lambda: dict(DEFAULT_LEAF_NAMES))
+  kernel_leaves: Sequence[str] = ("kernel",)
+  kernel_order: str | None = "in_out"
+  function: Callable[[str], str | None] | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "patterns", tuple(tuple(p) for p in self.patterns))
+    object.__setattr__(self, "kernel_leaves", tuple(self.kernel_leaves))
+    for p in self.patterns:
+      if len(p) != 2 or not all(isinstance(s, str) for s in p):
+        raise LoraSpecError(f"Rules patterns are (flax_template, torch_template) "
+                            f"string pairs, got {p!r}")
+    object.__setattr__(self, "_compiled", tuple(_Pattern(*p) for p in self.patterns))
+    if self.kernel_order not in KERNEL_ORDERS:
+      raise LoraSpecError(f"Rules.kernel_order must be one of {KERNEL_ORDERS}, got "
+                          f"{self.kernel_order!r}")
+    if isinstance(self.fan_in_fan_out, str):
+      try:
+        re.compile(self.fan_in_fan_out)
+      except re.error as e:
+        raise LoraSpecError(f"Rules.fan_in_fan_out: invalid regex "
+                            f"{self.fan_in_fan_out!r}: {e}") from None
+
+  # Ready-made rules ----------------------------------------------------------
+
+  @classmethod
+  def generic(cls, *, fan_in_fan_out: Union[bool, str] = False,
+              kernel_order: str | None = "in_out") -> "Rules":
+    """'/' becomes '.', the leaf name and a leading ``params`` collection go.
+
+    Fits models whose Flax module tree mirrors the PyTorch one (Flax NNX
+    ``blocks/0/query/kernel`` -> ``blocks.0.query``), with Flax's ``(in, out)``
+    kernels unless ``kernel_order`` says otherwise.
+    """
+    return cls(fan_in_fan_out=fan_in_fan_out, kernel_order=kernel_order)
+
+  @classmethod
+  def gpt2(cls, *, kernel_order: str | None = "out_in") -> "Rules":
+    """``transformers``' Flax GPT-2 (``FlaxGPT2LMHeadModel``, ``FlaxGPT2Model``).
+
+    ``transformer/h/0/attn/c_attn/kernel`` <-> ``transformer.h.0.attn.c_attn``;
+    ``c_attn``, ``q_attn``, ``c_proj`` and ``c_fc`` are PyTorch ``Conv1D``
+    modules (weights stored ``(in, out)``, PEFT's ``fan_in_fan_out=True``),
+    whose Flax port ``FlaxConv1D`` stores its kernel ``(out, in)``. A Flax
+    port that stores them ``(in, out)``, as ``nn.Dense`` does, passes
+    ``kernel_order="in_out"``.
+    """
+    return cls(fan_in_fan_out=r"(?:.*\.)?(?:c_attn|q_attn|c_proj|c_fc)",
+               kernel_order=kernel_order)
+
+  @classmethod
+  def llama(cls) -> "Rules":
+    """``transformers``' Flax Llama and Mistral (``FlaxLlamaForCausalLM``,
+    ``FlaxMistralForCausalLM``): ``model/layers/0/self_attn/q_proj/kernel`` <->
+    ``model.layers.0.self_attn.q_proj``, ``(in, out)`` kernels (``nn.Dense``),
+    RMSNorm ``weight`` leaves."""
+    return cls(kernel_order="in_out")
+
+  @classmethod
+  def bert(cls) -> "Rules":
+    """``transformers``' Flax BERT (``FlaxBertModel``, ``FlaxBertForMaskedLM``...):
+    ``bert/encoder/layer/0/attention/self/query/kernel`` <->
+    ``bert.encoder.layer.0.attention.self.query``, ``(in, out)`` kernels, LayerNorm
+    ``scale`` -> ``weight``."""
+    return cls(kernel_order="in_out")
+
+  @classmethod
+  def scanned(cls, *, stack: str = "params/layers", prefix: str = "model.layers",
+              renames: Mapping[str, str] | None = None,
+              fan_in_fan_out: Union[bool, str] = False,
+              kernel_order: str | None = "in_out") -> "Rules":
+    """A Linen ``nn.scan`` stack: ``{stack}/<name>`` -> ``{prefix}.{i}.<name>``.
+
+    ``i`` is the index along the weight's stack axis. ``renames`` maps a Flax
+    module path inside the stack to the PyTorch one
+    (``{"attn/query": "self_attn.q_proj"}``). Parameters outside the stack
+    follow the generic rule.
+    """
+    pats = [(f"{stack}/{flax}", f"{prefix}.{{layer}}.{torch}")
+            for flax, torch in (renames or {}).items()]
+    pats.append((f"{stack}/{{name}}", f"{prefix}.{{layer}}.{{name}}"))
+    pats += list(cls.__dataclass_fields__["patterns"].default)
+    return cls(patterns=tuple(pats), fan_in_fan_out=fan_in_fan_out, kernel_order=kernel_order)
+
+  # Mapping -------------------------------------------------------------------
+
+  def __call__(self, path: str) -> str | None:
+    """The module name of a parameter path, with ``{0}``... for stack indices."""
+    if self.function is not None:
+      return self.function(path)
+    module_path = path.rpartition("/")[0]
+    if not module_path:
+      return None
+    for pat in self._compiled:
+      name = pat.forward(module_path)
+      if name is not None:
+        return name
+    return None
+
+  def param_path(self, module: str, leaf: str = "kernel"
+                 ) -> tuple[str, tuple[int, ...]] | None:
+    """The reverse: ``(parameter path, stack index)`` of a PyTorch module.
+
+    Only for pattern rules; ``jlora.peft.load`` itself inverts the forward mapping
+    over the actual parameters, so a function rule needs no reverse.
+    """
+    if self.function is not None:
+      raise LoraSpecError("Rules.param_path needs pattern rules, not a function")
+    for pat in self._compiled:
+      found = pat.backward(module)
+      if found is not None:
+        return f"{found[0]}/{leaf}", found[1]
+    return None
+
+  def is_in_out(self, module: str) -> bool:
+    """Whether the PyTorch module stores its weight ``(in, out)``."""
+    if isinstance(self.fan_in_fan_out, bool):
+      return self.fan_in_fan_out
+    return re.fullmatch(self.fan_in_fan_out, module) is not None
+
+
+RulesLike = Union[Rules, Callable[[str], Union[str, None]]]
+
+
+def as_rules(rules: RulesLike) -> Rules:
+  if isinstance(rules, Rules):
+    return rules
+  if callable(rules):
+    return Rules(function=rules)
+  raise LoraSpecError(f"rules must be a jlora.peft.Rules or a function path -> module "
+                      f"name, got {rules!r}")
