@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from jlora import _compat
 from jlora.errors import LoraCheckpointError
 from jlora.layout import Layout
 from jlora.sharding import factor_shardings, leaf_sharding
@@ -51,7 +52,7 @@ def array_info(x: Any) -> dict[str, Any]:
 
 
 def check_concrete(path: str, x: Any) -> None:
-  if isinstance(x, jax.ShapeDtypeStruct) or isinstance(x, jax.core.Tracer):
+  if isinstance(x, jax.ShapeDtypeStruct) or _compat.is_tracer(x):
     raise LoraCheckpointError(
         f"'{path}': cannot save an abstract or traced value ({type(x).__name__}); "
         f"pass concrete arrays")

@@ -99,7 +99,7 @@ def encode_spec(spec: LoraSpec) -> dict[str, Any]:
   fields = {f.name: encode(getattr(spec, f.name), f"spec.{f.name}")
             for f in dataclasses.fields(spec)}
   notes = [f"spec.{name} was a callable ({fields[name]['name']}) and is not stored; "
-           f"load_adapter returns a spec that selects the saved paths exactly"
+           f"jlora.orbax.load returns a spec that selects the saved paths exactly"
            for name in names.SELECTORS
            if isinstance(fields.get(name), dict) and fields[name].get(names.TAG) == "callable"]
   return {"fields": fields, "notes": notes}

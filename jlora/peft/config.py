@@ -42,7 +42,7 @@ MUST_BE_OFF = {
     "velora_config": "the VeLoRA variant",
 }
 # Keys that do not change the adapted function (metadata, initialisation of
-# a fresh adapter, distribution) or that load_peft interprets itself.
+# a fresh adapter, distribution) or that jlora.peft.load interprets itself.
 KNOWN = {
     "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
