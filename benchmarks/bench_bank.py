@@ -101,7 +101,8 @@ def _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, l
           (bank, txb.init(bank)))
 
 
-def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int) -> dict:
+def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int,
+        decode: bool = True) -> dict:
   model = models.LinenLM(cfg)
   params = jax.tree.map(jnp.asarray, {"params": models.to_linen(models.init_params(cfg))})
   spec = jlora.LoraSpec(rank=16, alpha=32, targets=TARGETS)
@@ -119,14 +120,14 @@ def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int) -> di
                  variants, n)
     results[n] = {"batch": batch, "seq": seq, "auto": jlora.interpret.bank_term.choose(
         "auto", examples=batch, rows=batch * seq, adapters=n, rank=16, platform=platform_name)}
-  # Decode-shaped: one token per example, 64 examples over 16 adapters.
-  n, batch = 16, 64
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (batch, 1)), jnp.int32)
-  ids = jnp.arange(batch, dtype=jnp.int32) % n
-  _mixed_batch(model, frozen, single, _adapters(params, n)[1], tokens, None, ids, variants,
-               "decode", with_steps=False)
-  results["decode"] = {"batch": batch, "seq": 1, "auto": jlora.interpret.bank_term.choose(
-      "auto", examples=batch, rows=batch, adapters=n, rank=16, platform=platform_name)}
+  if decode:   # one token per example, 64 examples over 16 adapters
+    n, batch = 16, 64
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (batch, 1)), jnp.int32)
+    ids = jnp.arange(batch, dtype=jnp.int32) % n
+    _mixed_batch(model, frozen, single, _adapters(params, n)[1], tokens, None, ids, variants,
+                 "decode", with_steps=False)
+    results["decode"] = {"batch": batch, "seq": 1, "auto": jlora.interpret.bank_term.choose(
+        "auto", examples=batch, rows=batch, adapters=n, rank=16, platform=platform_name)}
 
   times = {k: [] for k in variants}
   for k, (f, args) in variants.items():   # compile and warm up
@@ -137,7 +138,7 @@ def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int) -> di
       times[k].append(_timed(f, *args))
   med = {k: statistics.median(v) for k, v in times.items()}
   table = []
-  for n in list(n_adapters) + ["decode"]:
+  for n in list(n_adapters) + (["decode"] if decode else []):
     for what in ("forward", "step"):
       base = med.get((n, "single", what))
       if base is None:
@@ -209,14 +210,15 @@ def run_peft(cfg: models.ModelConfig, n: int, rounds: int) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+  ap.add_argument("--quick", action="store_true",
+                  help="tiny sizes, 4 adapters, no decode shape: a smoke test")
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--peft", action="store_true", help="also time PEFT's mixed batches")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   cfg = models.ModelConfig.quick() if args.quick else models.ModelConfig()
   rounds = 2 if args.quick else args.rounds
-  res = run(cfg, (4, 16), rounds)
+  res = run(cfg, (4,) if args.quick else (4, 16), rounds, decode=not args.quick)
   print(f"jlora banks on {res['machine']}, jax {res['jax']} ({res['backend']}), "
         f"median of {rounds} interleaved rounds; ratio = bank / one adapter")
   head = f"{'adapters':>9}{'what':>9}{'batch':>7}{'one':>9}"

@@ -41,5 +41,5 @@ def test_bench_bank_quick(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
   # The script asserts each strategy's rows equal their adapters' merged models.
-  assert {r["adapters"] for r in rows} == {4, 16, "decode"}
+  assert {r["adapters"] for r in rows} == {4}
   assert all(r[f"{h}_ratio"] > 0 for r in rows for h in ("gather", "segment", "masked"))
