@@ -238,45 +238,45 @@ def test_custom_derivative_rule_is_honoured(jit, custom):
 # -- materialisation, layouts, dropout -------------------------------------------------
 
 
+_EMBEDDING_USES = {
+    # nn.Embed's lookup (jnp.take), indexing, and a lookup of the transposed table.
+    "take": lambda p, t: jnp.take(p["embed"]["embedding"], t, axis=0),
+    "index": lambda p, t: p["embed"]["embedding"][t],
+    "transposed": lambda p, t: p["embed"]["embedding"].T[:, t],
+    # One (vocab, d) table as the lookup and, transposed, as the output head.
+    "tied": lambda p, t: jnp.tanh(p["embed"]["embedding"][t]) @ p["embed"]["embedding"].T,
+}
+
+
 @JIT
-def test_embedding_gather_materializes_once_with_a_warning(jit):
+@pytest.mark.parametrize("use", list(_EMBEDDING_USES))
+def test_embedding_lookup_stays_low_rank(jit, use):
+  """Rows of A (or columns of B) times the other factor, as PEFT's embedding
+  LoRA: no dense V x D delta, forward or backward."""
   (emb,) = weights((20, 8))
-  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])
+  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])     # 6 tokens: no activation is (20, 8)
   params = {"embed": {"embedding": emb}}
-  fn = lambda p, t: p["embed"]["embedding"][t]
-  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["embedding"]))
-  apply = maybe_jit(jlora.lora(fn), jit)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    got = apply(frozen, trainable, tokens)
-  ours = [w for w in caught if issubclass(w.category, jlora.LoraMaterializeWarning)]
-  assert len(ours) == 1, [str(w.message) for w in caught]
-  message = str(ours[0].message)
-  assert "embed/embedding" in message and "gather" in message, message
-  assert_close_forward(got, fn(jlora.merge(frozen, trainable), tokens))
-  assert_merge_matters(fn, frozen, trainable, (tokens,), params)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", jlora.LoraMaterializeWarning)
-    check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
-
-
-@JIT_ONLY
-def test_tied_embedding(jit):
-  """One (vocab, d) matrix used by a gather and, transposed, as the output head."""
-  (emb,) = weights((20, 8))
-  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])
-  fn = lambda p, t: jnp.tanh(p["embed"][t]) @ p["embed"].T
-  layouts = jlora.infer_layouts(fn, {"embed": emb}, tokens)
-  assert layouts["embed"] == jlora.Layout((1,), (0,))        # as the head uses it
-  frozen, trainable = adapt({"embed": emb}, jlora.LoraSpec(rank=2, alpha=4, targets=["embed"]),
+  fn = _EMBEDDING_USES[use]
+  layouts = jlora.infer_layouts(fn, params, tokens)
+  if use == "tied":
+    assert layouts["embed/embedding"] == jlora.Layout((1,), (0,))     # as the head uses it
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["embedding"]),
                             layouts=layouts)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
+  assert_merge_matters(fn, frozen, trainable, (tokens,), params)
+  with NoMaterialize():
     check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
-  # The gather materialises (forward and gradient traces); the head dot does not.
-  messages = {str(w.message) for w in caught
-              if issubclass(w.category, jlora.LoraMaterializeWarning)}
-  assert messages and all("'gather'" in m for m in messages), messages
+    if jit:
+      hlo = lora_step_hlo(fn, frozen, trainable, (tokens,))
+      assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+def test_a_gather_that_is_not_a_lookup_still_materializes_with_a_warning():
+  (w,) = weights((20, 8))
+  fn = lambda p, i: p["w"][i, 2:5]       # a partial slice of each row  # noqa: E731
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]))
+  with pytest.warns(jlora.LoraMaterializeWarning, match="'w' is used by 'gather'"):
+    got = jlora.lora(fn)(frozen, trainable, jnp.array([3, 7]))
+  assert_close_forward(got, fn(jlora.merge(frozen, trainable), jnp.array([3, 7])))
 
 
 @JIT_ONLY

@@ -119,6 +119,31 @@ class LabelledPlan:
   out_labels: tuple[str, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class Take:
+  """A ``gather`` that takes whole slices of a 2-D weight along one axis, as
+  an embedding lookup does (``W[tokens]``, or ``W.T[:, tokens]``).
+
+  Attributes:
+    axis: the weight axis the indices pick from.
+    offset_dim: where the other axis goes in the result.
+    mode, fill_value: the gather's handling of out-of-range indices.
+  """
+
+  axis: int
+  offset_dim: int
+  mode: Any
+  fill_value: Any
+
+  def rows(self, factor: jax.Array, axis: int, indices: jax.Array) -> jax.Array:
+    """The same gather on a 2-D ``factor`` along its ``axis``:
+    ``(*indices.shape[:-1], other axis)``."""
+    dims = lax.GatherDimensionNumbers(offset_dims=(indices.ndim - 1,),
+                                      collapsed_slice_dims=(axis,), start_index_map=(axis,))
+    sizes = tuple(1 if i == axis else d for i, d in enumerate(factor.shape))
+    return lax.gather(factor, indices, dims, sizes, mode=self.mode, fill_value=self.fill_value)
+
+
 def flat_plan(dot: Dot, x_shape: Sequence[int]) -> FlatPlan:
   return FlatPlan(dot, tuple(x_shape[i] for i in dot.x_free), dot.w_contract, dot.w_free)
 

@@ -74,6 +74,19 @@ class LoraTerm(values.AdapterTerm):
     low = low * jnp.asarray(self.scale, low.dtype)
     return y + low.astype(y.dtype)
 
+  def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
+               ) -> jax.Array | None:
+    # Rows of the factor that holds the indexed axis, times the other factor:
+    # the slices of s B A without forming it (PEFT's embedding LoRA).
+    if self.layout.ndim != 2 or self.layout.stack_axes:
+      return None
+    if take.axis in self.layout.in_axes:        # A (V, r): its rows, then @ B (r, D)
+      low = take.rows(self.a, 0, indices) @ self.b
+    else:                                       # B (r, V): its columns, then @ A^T
+      low = take.rows(self.b, 1, indices) @ self.a.T
+    low = jnp.moveaxis(low * jnp.asarray(self.scale, low.dtype), -1, take.offset_dim)
+    return y + low.astype(y.dtype)
+
   def merge_into(self, w: jax.Array) -> jax.Array:
     return w + lowrank_product(self.a, self.b, self.scale, self.layout, w.dtype)
 

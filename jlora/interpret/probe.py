@@ -72,6 +72,10 @@ class ProbeTerm(values.AdapterTerm):
                    plan: dot_lib.LabelledPlan) -> jax.Array:
     return y
 
+  def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
+               ) -> jax.Array:
+    return y
+
   def merge_into(self, w: jax.Array) -> jax.Array:
     return w
 

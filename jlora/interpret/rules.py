@@ -34,7 +34,7 @@ from jax import lax
 
 from jlora import _compat
 from jlora.interpret import interpreter
-from jlora.interpret.dot import Dot
+from jlora.interpret.dot import Dot, Take
 from jlora.interpret.values import is_value
 
 Rule = Callable[[Any, Any, list], Any]
@@ -182,6 +182,34 @@ def _dynamic_slice(ctx, eqn, invals):
     return lax.dynamic_slice(arr, s, z)
 
   return _lazy(ctx, eqn, invals, lambda v: v.slice_axes(slicer))
+
+
+@register(_compat.GATHER)
+def _gather(ctx, eqn, invals):
+  # An embedding lookup of an adapted table: rows of W0, plus rows of the
+  # factor that holds the indexed axis times the other factor.
+  operand, indices = invals
+  take = _whole_slices(eqn) if is_value(operand) and not is_value(indices) else None
+  out = None
+  if take is not None:
+    out = operand.take(ctx, indices, take, lambda w: _compat.rebind(eqn, [w, indices]))
+  return materialize(ctx, eqn, invals) if out is None else out
+
+
+def _whole_slices(eqn):
+  """The Take of a gather of whole slices of a 2-D operand along one axis;
+  None for any other gather."""
+  p = _compat.eqn_params(eqn)
+  operand, indices = _compat.in_avals(eqn)
+  dims = p["dimension_numbers"]
+  if (len(operand.shape) != 2 or indices.shape[-1:] != (1,) or len(dims.start_index_map) != 1
+      or tuple(dims.collapsed_slice_dims) != tuple(dims.start_index_map)
+      or dims.operand_batching_dims or len(dims.offset_dims) != 1):
+    return None
+  axis = dims.start_index_map[0]
+  if tuple(p["slice_sizes"]) != tuple(1 if i == axis else d for i, d in enumerate(operand.shape)):
+    return None
+  return Take(axis, dims.offset_dims[0], p["mode"], p["fill_value"])
 
 
 @register(_compat.SPLIT)

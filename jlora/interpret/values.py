@@ -133,6 +133,12 @@ class AdapterTerm(abc.ABC):
                    plan: dot_lib.LabelledPlan) -> jax.Array:
     """Likewise for a dot with batch axes; ``y`` is in ``plan.out_labels``."""
 
+  def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
+                ) -> jax.Array | None:
+    """``y`` (the slices of the weight so far) plus this term's share of the
+    slices ``take`` picks; None when the term cannot (the weight is formed)."""
+    return None
+
   @abc.abstractmethod
   def merge_into(self, w: jax.Array) -> jax.Array:
     """``w`` (the dense weight so far, float32 or wider) with this term applied."""
@@ -313,6 +319,17 @@ class AdaptedValue:
   def note_dense_dot(self, dot: dot_lib.Dot) -> None:
     for term in self.terms:
       term.note_dense_dot(dot)
+
+  def take(self, ctx: Any, indices: jax.Array, take: dot_lib.Take,
+           gather: Callable[[jax.Array], jax.Array]) -> jax.Array | None:
+    """Whole slices of W (an embedding lookup): the slices of W0, by
+    ``gather``, plus each term's; None when a term cannot take them."""
+    y = gather(self.base.materialize())
+    for term in self.terms:
+      y = term.add_take(ctx, y, indices, take)
+      if y is None:
+        return None
+    return y
 
   def _dot_flat(self, ctx: Any, x: jax.Array, dot: dot_lib.Dot) -> jax.Array:
     plan = dot_lib.flat_plan(dot, x.shape)
