@@ -14,6 +14,7 @@ from jlora._paths import path_str
 from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
 from jlora.combine import Combination, combine
+from jlora.dora import DoraParam
 from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
                           LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
 from jlora.interpret import infer_layouts, lora
@@ -47,6 +48,7 @@ __all__ = [
     # adapters
     "Adapter",
     "LoraParam",
+    "DoraParam",
     "LoraBank",
     "stack_adapters",
     "select_adapter",

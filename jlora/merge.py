@@ -10,22 +10,22 @@ import jax.numpy as jnp
 from jlora import _compat
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraError, LoraTreeError
-from jlora.adapter import is_adapter
+from jlora.adapter import Adapter, is_adapter
 from jlora.bank import LoraBank, select_adapter
-from jlora.lora_param import LoraParam
 from jlora.transform import split_trees
 
 
-def _merged_leaf(w0: jax.Array, lp: LoraParam, sign: float) -> jax.Array:
+def _merged_leaf(w0: jax.Array, adapter: Adapter, sign: float) -> jax.Array:
   acc = jnp.promote_types(jnp.float32, w0.dtype)
-  return (w0.astype(acc) + sign * lp.delta(acc)).astype(w0.dtype)
+  w = adapter.merged(w0.astype(acc)) if sign > 0 else adapter.unmerged(w0.astype(acc))
+  return w.astype(w0.dtype)
 
 
 def _combine(frozen: Any, trainable: Any, sign: float, check_finite: bool) -> Any:
   paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
   out = []
   for path, f, t in zip(paths, f_leaves, t_leaves):
-    if isinstance(t, LoraParam):
+    if is_adapter(t):
       leaf = _merged_leaf(f, t, sign)
     elif sign < 0:
       # unmerge returns a frozen part: None stays at the extra trainable leaves.

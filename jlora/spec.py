@@ -92,6 +92,8 @@ class LoraSpec:
       regex may match the whole path or a '/'-aligned suffix; first match wins).
     alpha_pattern: regex -> alpha, likewise.
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+    use_dora: weight-decomposed LoRA (``jlora.DoraParam``): a trained magnitude
+      per output column beside the pair (see ``jlora.dora``).
     init: ``"default"``: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PEFT's
       kaiming-uniform; ``"gaussian"``: A ~ N(0, 1/r^2). B = 0 in both, so the
       adapted model starts equal to the base.
@@ -117,6 +119,7 @@ class LoraSpec:
   rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
   use_rslora: bool = False
+  use_dora: bool = False
   init: str = "default"
   dropout: float = 0.0
   dtype: Any = jnp.float32

@@ -24,10 +24,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
 from jlora.adapter import Adapter, is_adapter
+from jlora.dora import DoraParam, column_norm
 from jlora.lora_param import LoraParam
 from jlora.sharding import factor_shardings, leaf_sharding
 from jlora.layout import Layout
@@ -183,7 +185,27 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
       if a_sharding is not None:
         a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
       trainable[i] = dataclasses.replace(trainable[i], a=a, b=b)
+  if spec.use_dora:
+    for i in targets:
+      trainable[i] = _with_magnitude(pairs[i][1], trainable[i])
   return treedef.unflatten(frozen), treedef.unflatten(trainable)
+
+
+def _with_magnitude(w0: Any, lp: LoraParam) -> DoraParam:
+  """DoRA's pair and magnitude, the magnitude starting at W0's column norms."""
+  lay = lp.layout
+  if _is_abstract(w0):
+    spec = leaf_sharding(w0)
+    sharding = None
+    if isinstance(spec, NamedSharding):
+      entries = tuple(spec.spec) + (None,) * (len(w0.shape) - len(spec.spec))
+      sharding = NamedSharding(spec.mesh, PartitionSpec(
+          *(entries[i] for i in lay.stack_axes + lay.out_axes)))
+    m = jax.ShapeDtypeStruct(tuple(w0.shape[i] for i in lay.stack_axes + lay.out_axes),
+                             lp.a.dtype, sharding=sharding)
+  else:
+    m = column_norm(jnp.asarray(w0, jnp.float32), lay).astype(lp.a.dtype)
+  return DoraParam(a=lp.a, b=lp.b, magnitude=m, scale=lp.scale, layout=lay, dropout=lp.dropout)
 
 
 def split_trees(frozen: Any, trainable: Any):

@@ -6,7 +6,7 @@ and adapter terms), ``dense`` and ``lora_term`` the kinds jlora ships,
 evaluation, ``lora`` and ``layouts`` the two entry points.
 """
 
-from jlora.interpret import bank_term, dense, lora_term  # noqa: F401  (register the kinds)
+from jlora.interpret import bank_term, dense, dora_term, lora_term  # noqa: F401  (the kinds)
 from jlora.interpret.layouts import infer_layouts
 from jlora.interpret.lora import lora
 

@@ -100,12 +100,14 @@ class Dot:
 class FlatPlan:
   """``(M, K) @ (K, N)``: x's free axes flattened to M (``m_shape``), W's
   contracted axes to K in the order ``k_axes`` (paired with x's), W's free
-  axes to N in the order ``n_axes`` (``dot_general``'s order)."""
+  axes to N in the order ``n_axes`` (``dot_general``'s order); ``w0`` is the
+  frozen weight as that (K, N) matrix (for terms that need it, as DoRA's norm)."""
 
   dot: Dot
   m_shape: tuple[int, ...]
   k_axes: tuple[int, ...]
   n_axes: tuple[int, ...]
+  w0: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -338,6 +338,7 @@ class AdaptedValue:
     x2 = axes_lib.reshape(axes_lib.transpose(x, dot.x_free + dot.x_contract), (m, k))
     w2 = axes_lib.transpose(self.base.materialize(), plan.k_axes + plan.n_axes)
     w2 = axes_lib.reshape(w2, (k, math.prod(n_shape)))
+    plan = dataclasses.replace(plan, w0=w2)
     pet = dot.preferred_element_type or dot.out_dtype
     y = dot_lib.matmul(x2, w2, dot.precision, pet)
     for term in self.terms:
