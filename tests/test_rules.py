@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 from jax import lax
 
@@ -494,3 +495,55 @@ def test_named_scopes_reach_the_lowered_program():
   locs = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", text, re.MULTILINE))
   dots = [locs[m] for m in re.findall(r"stablehlo\.dot_general.*loc\((#loc\d+)\)", text)]
   assert sum("attention_block/dot_general" in d for d in dots) == 3, dots
+
+
+# -- convolutions and ragged dots --------------------------------------------------------
+
+
+class _CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), name="c1")(x))
+    x = nn.Conv(5, (3, 3), strides=2, padding="VALID", kernel_dilation=2, name="c2")(x)
+    x = nn.Conv(3, (2,), name="c3")(x.reshape(x.shape[0], -1, x.shape[-1]))   # a 1-D one
+    return x.mean(1)
+
+
+@JIT
+def test_convolutions_stay_low_rank(jit):
+  """A as a convolution into r channels, B as a 1x1 one (PEFT's Conv LoRA):
+  neither the dense delta nor a kernel gradient is formed."""
+  model = _CNN()
+  x = normal((2, 11, 11, 4), seed=3)
+  params = jax.jit(model.init)(jax.random.key(0), x)
+  layouts = jlora.infer_layouts(model.apply, params, x)
+  assert layouts["params/c1/kernel"] == jlora.Layout((0, 1, 2), (3,))      # window, in -> out
+  assert layouts["params/c3/kernel"] == jlora.Layout((0, 1), (2,))
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=r".*kernel"),
+                            layouts=layouts)
+  assert trainable["params"]["c1"]["kernel"].a.shape == (3, 3, 4, 2)     # a conv kernel into r
+  assert_merge_matters(model.apply, frozen, trainable, (x,), params)
+  with NoMaterialize():
+    check_against_merged(model.apply, frozen, trainable, (x,), jit=jit)
+    if jit:
+      hlo = lora_step_hlo(model.apply, frozen, trainable, (x,))
+      assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+@JIT
+def test_ragged_dot_experts_stay_low_rank(jit):
+  """One pair per expert, through the same ragged dot (how JAX MoE layers group
+  tokens by expert)."""
+  fn = lambda p, x, sizes: jnp.tanh(lax.ragged_dot(x, p["experts"], sizes)) @ p["out"]  # noqa
+  params = {"experts": normal((3, 8, 10), 0.3), "out": normal((10, 4), 0.3, seed=1)}
+  x, sizes = normal((6, 8), seed=2), jnp.array([2, 3, 1], jnp.int32)
+  layouts = jlora.infer_layouts(fn, params, x, sizes)
+  assert layouts["experts"] == jlora.Layout((1,), (2,), (0,))
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["experts"]),
+                            layouts=layouts)
+  assert_merge_matters(fn, frozen, trainable, (x, sizes), params)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x, sizes), jit=jit)
+    if jit:
+      hlo = lora_step_hlo(fn, frozen, trainable, (x, sizes))
+      assert weight_shaped_dots(hlo, frozen, trainable) == []

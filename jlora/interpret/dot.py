@@ -17,7 +17,7 @@ Every adapted matmul is computed in one of two shapes:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +144,39 @@ class Take:
                                       collapsed_slice_dims=(axis,), start_index_map=(axis,))
     sizes = tuple(1 if i == axis else d for i, d in enumerate(factor.shape))
     return lax.gather(factor, indices, dims, sizes, mode=self.mode, fill_value=self.fill_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """A convolution of an input with the adapted kernel.
+
+  Attributes:
+    rhs_spec: the kernel's (out feature, in feature, *spatial) axes.
+    out_feature: the result's feature axis.
+    grouped: a feature or batch group count other than 1.
+    apply: the model's convolution on other operands (the same strides,
+      padding, dilations, precision), ``apply(x, kernel)``.
+  """
+
+  rhs_spec: tuple[int, ...]
+  out_feature: int
+  grouped: bool
+  apply: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedDot:
+  """``jax.lax.ragged_dot(x, W, group_sizes)``: rows of x grouped, W one
+  (K, N) matrix per group, as mixture-of-experts layers compute.
+
+  Attributes:
+    standard: x (M, K) ragged on axis 0, W (G, K, N) with the group axis 0.
+    apply: the model's ragged dot on other operands (same group sizes),
+      ``apply(x, w)``.
+  """
+
+  standard: bool
+  apply: Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def flat_plan(dot: Dot, x_shape: Sequence[int]) -> FlatPlan:

@@ -76,6 +76,22 @@ class ProbeTerm(values.AdapterTerm):
                ) -> jax.Array:
     return y
 
+  def add_conv(self, ctx: Any, y: jax.Array, x: jax.Array, conv: dot_lib.Conv) -> jax.Array:
+    out_ch, in_ch, *spatial = conv.rhs_spec
+    where = "a convolution"
+    self.recorder.record(self.path, [self.axes[i] for i in (in_ch, *spatial)], "in", where)
+    self.recorder.record(self.path, [self.axes[out_ch]], "out", where)
+    return y
+
+  def add_ragged(self, ctx: Any, y: jax.Array, x: jax.Array, ragged: dot_lib.RaggedDot
+                 ) -> jax.Array:
+    if ragged.standard and len(self.axes) == 3:
+      where = "a ragged dot (one matrix per group)"
+      self.recorder.record(self.path, [self.axes[0]], "stack", where)
+      self.recorder.record(self.path, [self.axes[1]], "in", where)
+      self.recorder.record(self.path, [self.axes[2]], "out", where)
+    return y
+
   def merge_into(self, w: jax.Array) -> jax.Array:
     return w
 

@@ -34,7 +34,7 @@ from jax import lax
 
 from jlora import _compat
 from jlora.interpret import interpreter
-from jlora.interpret.dot import Dot, Take
+from jlora.interpret.dot import Conv, Dot, RaggedDot, Take
 from jlora.interpret.values import is_value
 
 Rule = Callable[[Any, Any, list], Any]
@@ -210,6 +210,38 @@ def _whole_slices(eqn):
   if tuple(p["slice_sizes"]) != tuple(1 if i == axis else d for i, d in enumerate(operand.shape)):
     return None
   return Take(axis, dims.offset_dims[0], p["mode"], p["fill_value"])
+
+
+@register(_compat.CONV)
+def _conv(ctx, eqn, invals):
+  x, kernel = invals
+  out = None
+  if is_value(kernel) and not is_value(x):
+    p = _compat.eqn_params(eqn)
+    dims = p["dimension_numbers"]
+    conv = Conv(tuple(dims.rhs_spec), dims.out_spec[1],
+                p["feature_group_count"] != 1 or p["batch_group_count"] != 1,
+                lambda lhs, rhs: _compat.rebind(eqn, [lhs, rhs]))
+    out = kernel.conv(ctx, x, conv)
+  return materialize(ctx, eqn, invals) if out is None else out
+
+
+@register(_compat.RAGGED_DOT)
+def _ragged_dot(ctx, eqn, invals):
+  x, w, *rest = invals
+  out = None
+  if is_value(w) and not is_value(x) and not any(map(is_value, rest)):
+    p = _compat.eqn_params(eqn)
+    dims = p["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dims.dot_dimension_numbers
+    x_aval = _compat.in_avals(eqn)[0]
+    standard = (len(x_aval.shape) == 2 and w.ndim == 3 and tuple(lc) == (1,)
+                and tuple(rc) == (1,) and not lb and not rb
+                and tuple(dims.lhs_ragged_dimensions) == (0,)
+                and tuple(dims.rhs_group_dimensions) == (0,))
+    ragged = RaggedDot(standard, lambda lhs, rhs: _compat.rebind(eqn, [lhs, rhs, *rest]))
+    out = w.ragged_dot(ctx, x, ragged)
+  return materialize(ctx, eqn, invals) if out is None else out
 
 
 @register(_compat.SPLIT)

@@ -139,6 +139,18 @@ class AdapterTerm(abc.ABC):
     slices ``take`` picks; None when the term cannot (the weight is formed)."""
     return None
 
+  def add_conv(self, ctx: Any, y: jax.Array, x: jax.Array, conv: dot_lib.Conv
+               ) -> jax.Array | None:
+    """``y`` plus this term's share of a convolution of ``x`` with the
+    kernel; None when the term cannot (the weight is formed)."""
+    return None
+
+  def add_ragged(self, ctx: Any, y: jax.Array, x: jax.Array, ragged: dot_lib.RaggedDot
+                 ) -> jax.Array | None:
+    """``y`` plus this term's share of a ragged dot of ``x`` with the weight;
+    None when the term cannot (the weight is formed)."""
+    return None
+
   @abc.abstractmethod
   def merge_into(self, w: jax.Array) -> jax.Array:
     """``w`` (the dense weight so far, float32 or wider) with this term applied."""
@@ -320,16 +332,31 @@ class AdaptedValue:
     for term in self.terms:
       term.note_dense_dot(dot)
 
+  def conv(self, ctx: Any, x: jax.Array, conv: dot_lib.Conv) -> jax.Array | None:
+    """The model's convolution of ``x`` with W as the kernel, W never formed;
+    None when a term cannot."""
+    return self._each_term(conv.apply(x, self.base.materialize()),
+                           lambda term, y: term.add_conv(ctx, y, x, conv))
+
+  def ragged_dot(self, ctx: Any, x: jax.Array, ragged: dot_lib.RaggedDot) -> jax.Array | None:
+    """The model's ragged dot of ``x`` with W (one matrix per group), W never
+    formed; None when a term cannot."""
+    return self._each_term(ragged.apply(x, self.base.materialize()),
+                           lambda term, y: term.add_ragged(ctx, y, x, ragged))
+
+  def _each_term(self, y: jax.Array, add: Callable[[Any, jax.Array], Any]) -> jax.Array | None:
+    for term in self.terms:
+      y = add(term, y)
+      if y is None:
+        return None
+    return y
+
   def take(self, ctx: Any, indices: jax.Array, take: dot_lib.Take,
            gather: Callable[[jax.Array], jax.Array]) -> jax.Array | None:
     """Whole slices of W (an embedding lookup): the slices of W0, by
     ``gather``, plus each term's; None when a term cannot take them."""
-    y = gather(self.base.materialize())
-    for term in self.terms:
-      y = term.add_take(ctx, y, indices, take)
-      if y is None:
-        return None
-    return y
+    return self._each_term(gather(self.base.materialize()),
+                           lambda term, y: term.add_take(ctx, y, indices, take))
 
   def _dot_flat(self, ctx: Any, x: jax.Array, dot: dot_lib.Dot) -> jax.Array:
     plan = dot_lib.flat_plan(dot, x.shape)
