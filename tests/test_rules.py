@@ -547,3 +547,65 @@ def test_ragged_dot_experts_stay_low_rank(jit):
     if jit:
       hlo = lora_step_hlo(fn, frozen, trainable, (x, sizes))
       assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+# -- shard_map ------------------------------------------------------------------------------
+
+_SHARD_MAP_SCRIPT = r'''
+import json, os, re, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+import jlora
+from hlo import dot_result_shapes
+warnings.simplefilter("error", jlora.LoraMaterializeWarning)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("d", "m"))
+
+def fn(p, x):   # a tensor-parallel MLP written by hand
+  def local(w1, w2, x):
+    return jax.lax.psum(jnp.tanh(x @ w1) @ w2, "m")
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, "m"), P("m", None), P("d", None)),
+                       out_specs=P("d", None))(p["w1"], p["w2"], x)
+
+rng = np.random.default_rng(0)
+params = {"w1": jnp.asarray(0.3 * rng.standard_normal((8, 12)), jnp.float32),
+          "w2": jnp.asarray(0.3 * rng.standard_normal((12, 8)), jnp.float32)}
+x = jnp.asarray(rng.standard_normal((10, 8)), jnp.float32)
+frozen, t = jlora.lora_transform(params, jlora.LoraSpec(rank=2, alpha=4, targets=["w1", "w2"]),
+                                 key=jax.random.key(0))
+t = jax.tree.map(lambda a: a + 0.2 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), t)
+loss = lambda y: jnp.sum(jnp.sin(y))
+got = jax.jit(jlora.lora(fn))(frozen, t, x)
+want = fn(jlora.merge(frozen, t), x)
+grad = jax.jit(jax.grad(lambda t: loss(jlora.lora(fn)(frozen, t, x))))
+g, gw = grad(t), jax.jit(jax.grad(lambda t: loss(fn(jlora.merge(frozen, t), x))))(t)
+hlo = grad.lower(t).compile().as_text()
+print(json.dumps({
+    "fwd": float(jnp.abs(got - want).max()),
+    "effect": float(jnp.abs(want - fn(params, x)).max()),
+    "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gw))),
+    "layouts": {k: repr(v) for k, v in jlora.infer_layouts(fn, params, x).items()},
+    "dots": [list(s) for s in dot_result_shapes(hlo)],
+}))
+'''
+
+
+def test_shard_map_slices_the_factors_like_w0():
+  """A weight passed into a shard_map body stays low-rank: each shard gets W0's
+  slice and the factors sliced along the weight axes they hold (4 devices)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(jlora.__file__)), os.environ.get("PYTHONPATH", "")]))
+  done = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT, os.path.dirname(__file__)],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  res = json.loads(done.stdout.strip().splitlines()[-1])
+  assert res["effect"] > 1e-2 and res["fwd"] < 1e-5 and res["grad"] < 1e-4, res
+  assert res["layouts"]["w1"] == "Layout(in_axes=(0,), out_axes=(1,), stack_axes=())"
+  # No dot forms a shard of W0 + s B A or of dW0: (8, 6) and (6, 8) per shard.
+  local = {(8, 6), (6, 8), (8, 12), (12, 8)}
+  assert res["dots"] and not [s for s in res["dots"] if tuple(s) in local], res["dots"]

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from jlora.dora import DoraParam
 from jlora.errors import LoraLayoutError
@@ -102,6 +103,12 @@ class DoraTerm(values.AdapterTerm):
   def scan_over_axis0(self) -> "DoraTerm | None":
     layout = factors.unstack_layout(self.layout)
     return None if layout is None else dataclasses.replace(self, layout=layout)
+
+  def shard_specs(self, spec: Any) -> "DoraTerm":
+    a, b = factors.pair_specs(self.layout, 0, spec)
+    entries = tuple(spec) + (None,) * (self.layout.ndim - len(tuple(spec)))
+    m = PartitionSpec(*(entries[i] for i in self.layout.stack_axes + self.layout.out_axes))
+    return dataclasses.replace(self, a=a, b=b, m=m)
 
   def stacked_on_axis0(self) -> "DoraTerm":
     return dataclasses.replace(self, layout=factors.stack_layout(self.layout))

@@ -139,6 +139,10 @@ class LoraTerm(values.AdapterTerm):
     layout = factors.unstack_layout(self.layout)
     return None if layout is None else dataclasses.replace(self, layout=layout)
 
+  def shard_specs(self, spec: Any) -> "LoraTerm":
+    a, b = factors.pair_specs(self.layout, 0, spec)
+    return dataclasses.replace(self, a=a, b=b)
+
   def stacked_on_axis0(self) -> "LoraTerm":
     return dataclasses.replace(self, layout=factors.stack_layout(self.layout))
 

@@ -119,6 +119,9 @@ class ProbeTerm(values.AdapterTerm):
     self.recorder.record(self.path, [self.axes[0]], "stack", "a scan over its axis 0")
     return dataclasses.replace(self, axes=self.axes[1:])
 
+  def shard_specs(self, spec: Any) -> "ProbeTerm":
+    return self
+
   def stacked_on_axis0(self) -> "ProbeTerm":
     return dataclasses.replace(self, axes=(frozenset(),) + self.axes)
 

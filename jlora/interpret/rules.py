@@ -123,6 +123,15 @@ def _sharding_constraint(ctx, eqn, invals):
   return _lazy(ctx, eqn, invals, lambda v: v.constrain(lambda w: _compat.rebind(eqn, [w])))
 
 
+@register(_compat.PVARY)
+def _pvary(ctx, eqn, invals):
+  # Marks an array as varying over a shard_map's axes, values unchanged: W0's
+  # and the factors' arrays alike (theirs vary over no axis W0's does not).
+  del ctx
+  (value,) = invals
+  return jax.tree_util.tree_map(lambda leaf: _compat.rebind(eqn, [leaf]), value)
+
+
 @register(_compat.OPTIMIZATION_BARRIER)
 def _optimization_barrier(ctx, eqn, invals):
   # The barrier holds every array it is given: a value's arrays included.
@@ -366,6 +375,28 @@ def _cond(ctx, eqn, invals):
                    for s in shapes}) == 1
           for i in range(n_out)]
   return list(lax.switch(index, [run(b, keep, ctx) for b in branches], *ops))
+
+
+@register(_compat.SHARD_MAP)
+def _shard_map(ctx, eqn, invals):
+  # Each adapted weight enters as its arrays, the factors sliced along the
+  # weight axes they hold by W0's spec: no dense per-shard delta.
+  p = _compat.eqn_params(eqn)
+  specs = []
+  for value, spec in zip(invals, p["in_specs"]):
+    if is_value(value):
+      spec = value.shard_specs(spec)
+      if spec is None:
+        return materialize(ctx, eqn, invals)
+    specs.append(spec)
+
+  def body(*args):
+    outs = interpreter.eval_jaxpr(p["jaxpr"], args, ctx)
+    return tuple(interpreter.dense_all(outs, "is returned by a shard_map"))
+
+  f = jax.shard_map(body, mesh=p["mesh"], in_specs=tuple(specs), out_specs=p["out_specs"],
+                    axis_names=p["newly_manual_axes"], check_vma=p["check_vma"])
+  return list(f(*invals))
 
 
 def _custom_call_parts(ctx, eqn):

@@ -103,6 +103,11 @@ class BaseWeight(abc.ABC):
     """The inverse: this base's metadata for leaves that ``lax.scan`` stacked
     along a new axis 0 (a weight returned as a scan output)."""
 
+  def shard_specs(self, spec: Any) -> Any:
+    """This base with a ``PartitionSpec`` in place of each array, for a
+    ``shard_map`` that slices the weight by ``spec``; None if it cannot."""
+    return None
+
 
 class AdapterTerm(abc.ABC):
   """One adapter's share of W: its contribution to a dot and to a merge.
@@ -132,6 +137,11 @@ class AdapterTerm(abc.ABC):
   def add_labelled(self, ctx: Any, y: jax.Array, x: jax.Array,
                    plan: dot_lib.LabelledPlan) -> jax.Array:
     """Likewise for a dot with batch axes; ``y`` is in ``plan.out_labels``."""
+
+  def shard_specs(self, spec: Any) -> Any:
+    """This term with a ``PartitionSpec`` in place of each array, slicing it as
+    ``spec`` slices the weight (in a ``shard_map``); None if it cannot."""
+    return None
 
   def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
                 ) -> jax.Array | None:
@@ -308,6 +318,16 @@ class AdaptedValue:
     if self.ndim == 0:
       return None
     return self._view(lambda b: b.scan_over_axis0(), lambda t: t.scan_over_axis0())
+
+  def shard_specs(self, spec: Any) -> "AdaptedValue | None":
+    """This value with a ``PartitionSpec`` in place of each array: W0's is
+    ``spec``, each factor's follows the weight axes it holds. None when a part
+    cannot be sliced so."""
+    base = self.base.shard_specs(spec)
+    terms = tuple(t.shard_specs(spec) for t in self.terms)
+    if base is None or any(t is None for t in terms):
+      return None
+    return AdaptedValue(base, terms, self.path)
 
   def stacked_on_axis0(self) -> "AdaptedValue":
     """This value's metadata for leaves that ``lax.scan`` stacked along a new
