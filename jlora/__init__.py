@@ -21,7 +21,7 @@ from jlora.interpret import infer_layouts, lora
 from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
-from jlora.optim import optimizer
+from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 from jlora.transform import lora_transform
@@ -42,6 +42,9 @@ __all__ = [
     "unmerge",
     "frozen_like",
     "optimizer",
+    "lora_plus",
+    "lora_fa",
+    "freeze_a",
     "summary",
     "LoraSummary",
     "path_str",
