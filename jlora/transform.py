@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
+from jlora import inits
 from jlora.adapter import Adapter, is_adapter
 from jlora.dora import DoraParam, column_norm
 from jlora.lora_param import LoraParam
@@ -185,10 +186,33 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
       if a_sharding is not None:
         a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
       trainable[i] = dataclasses.replace(trainable[i], a=a, b=b)
+  if inits.is_base_changing(spec.init):
+    for i in targets:
+      if not _is_abstract(pairs[i][1]):
+        frozen[i], trainable[i] = _from_base(pairs[i], trainable[i], spec, key)
   if spec.use_dora:
     for i in targets:
       trainable[i] = _with_magnitude(pairs[i][1], trainable[i])
   return treedef.unflatten(frozen), treedef.unflatten(trainable)
+
+
+def _from_base(pair: tuple[str, Any], lp: LoraParam, spec: LoraSpec, key: jax.Array):
+  """The residual W0 and the factors of a base-changing init (PiSSA, OLoRA)."""
+  path, w0 = pair
+  key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+  a, b, residual = _base_init(w0, key, init=spec.init, layout=lp.layout, rank=lp.rank,
+                              scale=lp.scale, dtype=lp.a.dtype)
+  a_sharding, b_sharding = factor_shardings(leaf_sharding(w0), lp.layout, len(w0.shape))
+  if a_sharding is not None:
+    a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+    residual = jax.device_put(residual, leaf_sharding(w0))
+  return residual, dataclasses.replace(lp, a=a, b=b)
+
+
+_base_init = functools.partial(jax.jit, static_argnames=("init", "layout", "rank", "scale",
+                                                         "dtype"))(
+    lambda w0, key, *, init, layout, rank, scale, dtype: inits.from_base(
+        init, w0, layout, rank, scale, key, dtype))
 
 
 def _with_magnitude(w0: Any, lp: LoraParam) -> DoraParam:
