@@ -17,6 +17,7 @@ from jlora.optim import optimizer
 from jlora.layout import Layout
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
+from jlora.quant import NF4Array, dequantize, quantize
 
 try:
   __version__ = _metadata.version("jlora")
@@ -37,9 +38,11 @@ __all__ = [
     "LoraSpecError",
     "LoraSummary",
     "LoraTreeError",
+    "NF4Array",
     "PeftAdapter",
     "PeftRules",
     "adapter_metadata",
+    "dequantize",
     "frozen_like",
     "infer_layouts",
     "load_adapter",
@@ -50,6 +53,7 @@ __all__ = [
     "merge",
     "optimizer",
     "path_str",
+    "quantize",
     "save_adapter",
     "save_params",
     "save_peft",
