@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
-from jlora._paths import flatten_with_paths
+from jlora._paths import flatten_with_paths, is_weight_node
 from jlora.lora_param import LoraParam
 from jlora.sharding import factor_shardings, leaf_sharding
 from jlora.layout import Layout
@@ -38,7 +38,12 @@ def _is_lora_param(x: Any) -> bool:
 
 
 def _is_abstract(x: Any) -> bool:
-  return isinstance(x, jax.ShapeDtypeStruct)
+  """An abstract weight: a ShapeDtypeStruct, or a weight node (an NF4Array)
+  whose arrays are all abstract."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return True
+  leaves = jax.tree_util.tree_leaves(x) if is_weight_node(x) else ()
+  return bool(leaves) and all(isinstance(l, jax.ShapeDtypeStruct) for l in leaves)
 
 
 def _is_array_like(x: Any) -> bool:
@@ -234,6 +239,12 @@ def check_factors(path: str, w0: Any, lp: LoraParam) -> None:
 
 def assemble(frozen: Any, trainable: Any):
   """The base leaves (W0 at adapted weights) plus the adapters by leaf index."""
+  leaves, treedef, adapters, _ = assemble_with_paths(frozen, trainable)
+  return leaves, treedef, adapters
+
+
+def assemble_with_paths(frozen: Any, trainable: Any):
+  """``assemble``, and the path of every leaf."""
   paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
   leaves, adapters = [], {}
   for i, (path, f, t) in enumerate(zip(paths, f_leaves, t_leaves)):
@@ -242,7 +253,7 @@ def assemble(frozen: Any, trainable: Any):
       leaves.append(f)
     else:
       leaves.append(f if f is not None else t)
-  return leaves, treedef, adapters
+  return leaves, treedef, adapters, paths
 
 
 def array_bytes(leaf: Any) -> int:

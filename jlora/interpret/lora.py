@@ -8,8 +8,9 @@ from typing import Any, Callable
 import jax
 
 from jlora import transform
+from jlora._paths import is_weight_node
 from jlora.interpret import interpreter, tracing
-from jlora.interpret.values import AdaptedValue
+from jlora.interpret.values import AdaptedValue, as_base
 
 
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -20,6 +21,12 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
   matmul against an adapted weight becomes ``x W0 + s (x A) B``. It composes
   with ``jax.jit``, ``jax.grad``, ``jax.vmap`` and ``jax.value_and_grad``,
   and gradients never flow to W0.
+
+  Frozen weights may be stored quantized (``jlora.NF4Array`` leaves from
+  ``jlora.quantize``, adapted or not): each is dequantized to the dtype the
+  model uses it in, where it is used, inside the traced step, and recomputed
+  from the packed arrays in the backward pass, so no dequantized copy of the
+  model is ever held.
 
   ``fn`` is traced once per combination of parameter structure, argument
   shapes and static arguments, and the trace is reused, so an eager loop
@@ -49,13 +56,19 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def apply(frozen, trainable, *args, lora_dropout_key=None, **kwargs):
-    leaves, treedef, adapters = transform.assemble(frozen, trainable)
-    traced = traces(leaves, treedef, args, kwargs)
+    leaves, treedef, adapters, paths = transform.assemble_with_paths(frozen, trainable)
+    # A weight stored another way (an NF4Array) is traced as the dense weight
+    # it stands for, and enters the interpreter as a value with no adapter.
+    stand_ins = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_weight_node(leaf) else leaf
+                 for leaf in leaves]
+    traced = traces(stand_ins, treedef, args, kwargs)
     invals = []
     for i in traced.present:
       if i in adapters:
         path, adapter = adapters[i]
         invals.append(AdaptedValue.of(path, leaves[i], [adapter]))
+      elif is_weight_node(leaves[i]):
+        invals.append(AdaptedValue(as_base(leaves[i]), (), paths[i]))
       else:
         invals.append(leaves[i])
     ctx = interpreter.Context(dropout_key=lora_dropout_key)
