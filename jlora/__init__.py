@@ -18,6 +18,8 @@ from jlora.layout import Layout
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 from jlora.quant import NF4Array, dequantize, quantize
+from jlora.merge import RequantizeReport
+from jlora.summary import MemoryTable
 
 try:
   __version__ = _metadata.version("jlora")
@@ -38,9 +40,11 @@ __all__ = [
     "LoraSpecError",
     "LoraSummary",
     "LoraTreeError",
+    "MemoryTable",
     "NF4Array",
     "PeftAdapter",
     "PeftRules",
+    "RequantizeReport",
     "adapter_metadata",
     "dequantize",
     "frozen_like",
