@@ -37,8 +37,8 @@ divided by the count; PyTorch sums float32 with a vectorised cascade whose
 last bit depends on the CPU's vector width and thread count, so its offset
 may differ from ours by one unit in the last place (and the nested scales
 with it). Given the same offset, every byte is equal; the 4-bit codes and the
-float32 absmax never depend on it. A file written by bitsandbytes is read as
-it is, whatever machine made it.
+float32 absmax never depend on it. Arrays that bitsandbytes wrote are used as
+they are, whatever machine made them.
 """
 
 from __future__ import annotations
