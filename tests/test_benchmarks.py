@@ -31,3 +31,17 @@ def test_peers_quick_jlora(tmp_path):
   assert row["lib"] == "jlora" and row["status"] == "ok", row
   assert row["dense_w0_grad"] is False
   assert row["loss_final"] < row["loss_step0"]
+
+
+def test_bench_qlora_quick(tmp_path):
+  out = tmp_path / "qlora.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH, "bench_qlora.py"), "--quick", "--json", str(out)],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  # The script asserts that the QLoRA loss is the LoRA loss on the dequantized base.
+  assert res["speed"]["qlora_over_lora"] > 0
+  assert res["speed"]["quantized_bytes_per_param"] <= 0.52
+  mem = res["memory_7b"]["xla"]
+  assert mem["qlora"]["peak"] < mem["lora"]["peak"] < mem["full"]["peak"]
