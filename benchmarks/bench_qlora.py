@@ -87,7 +87,7 @@ def speed(cfg: models.ModelConfig, rank: int, rounds: int) -> dict:
     jax.block_until_ready(c(trainable, state, frozen, tokens, targets))
     return time.perf_counter() - t0
 
-  for _ in range(2):   # warm-up
+  for _ in range(min(rounds, 2)):   # warm-up
     timed(lora_c, frozen), timed(qlora_c, q_frozen)
   times = {"lora_step": [], "qlora_step": []}
   for _ in range(rounds):
@@ -228,7 +228,7 @@ def main(argv=None):
                     f"{os.cpu_count()} cores".strip(),
          "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
          "jax": jax.__version__}
-  res["speed"] = speed(cfg, rank, 3 if args.quick else args.rounds)
+  res["speed"] = speed(cfg, rank, 1 if args.quick else args.rounds)
   if not args.no_7b:
     shape = (dict(d=64, f=176, heads=4, layers=2, vocab=256) if args.quick else
              dict(d=4096, f=11008, heads=32, layers=32, vocab=32000))

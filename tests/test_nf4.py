@@ -97,6 +97,7 @@ def lm_case():
   dense = jax.jit(model.init)(KEY, x)
   layouts = jlora.infer_layouts(model.apply, dense, x)
   params = jlora.quantize(dense, layouts=layouts)
+  assert jlora.infer_layouts(model.apply, params, x) == layouts   # NF4 leaves read as W
   spec = jlora.LoraSpec(rank=3, alpha=6, targets=r".*/(query|out|up)/kernel")
   frozen, trainable = _adapt(params, spec, layouts)
   return model.apply, frozen, trainable, (x,)
@@ -118,7 +119,7 @@ def _stacked(seed=0):
   return jlora.quantize({"w": w}, ["w"], layouts={"w": layout}), layout
 
 
-@JIT
+@JIT_ONLY   # eager: the MLP test covers it; here each op would compile alone
 def test_layers_taken_out_of_a_stack_stay_packed(jit, materialized):
   params, layout = _stacked()
   x = normal((5, 64), seed=2)
@@ -213,7 +214,7 @@ def test_a_bf16_model_computes_in_bf16_from_an_f32_nf4_base(jit):
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-@JIT
+@JIT_ONLY
 def test_lora_dropout_masks_are_those_of_the_dense_base(jit, mlp_case):
   # The dot under jax.checkpoint draws the same masks as on a dense base.
   fn, frozen, trainable, args, _ = mlp_case
