@@ -24,6 +24,9 @@ from jlora.merge import frozen_like, merge, unmerge
 from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
+from jlora.quant import NF4Array, dequantize, quantize
+from jlora.merge import RequantizeReport
+from jlora.summary import MemoryTable
 from jlora.transform import lora_transform
 
 try:
@@ -39,6 +42,7 @@ __all__ = [
     "lora",
     "infer_layouts",
     "merge",
+    "Layout",
     "unmerge",
     "frozen_like",
     "optimizer",
@@ -47,7 +51,13 @@ __all__ = [
     "freeze_a",
     "summary",
     "LoraSummary",
+    "MemoryTable",
     "path_str",
+    # quantized bases
+    "quantize",
+    "dequantize",
+    "NF4Array",
+    "RequantizeReport",
     # adapters
     "Adapter",
     "LoraParam",

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
-from jlora._paths import flatten_with_paths
+from jlora._paths import flatten_with_paths, is_weight_node
 from jlora import inits
 from jlora.adapter import Adapter, is_adapter
 from jlora.dora import DoraParam, column_norm
@@ -38,7 +38,12 @@ from jlora.spec import LoraSpec
 
 
 def _is_abstract(x: Any) -> bool:
-  return isinstance(x, jax.ShapeDtypeStruct)
+  """An abstract weight: a ShapeDtypeStruct, or a weight node (an NF4Array)
+  whose arrays are all abstract."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return True
+  leaves = jax.tree_util.tree_leaves(x) if is_weight_node(x) else ()
+  return bool(leaves) and all(isinstance(l, jax.ShapeDtypeStruct) for l in leaves)
 
 
 def _is_array_like(x: Any) -> bool:
@@ -188,6 +193,9 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
       trainable[i] = dataclasses.replace(trainable[i], a=a, b=b)
   if inits.is_base_changing(spec.init):
     for i in targets:
+      if is_weight_node(pairs[i][1]):
+        raise LoraSpecError(f"'{pairs[i][0]}': init={spec.init!r} rewrites W0, which is "
+                            f"quantized here; quantize the residual afterwards instead")
       if not _is_abstract(pairs[i][1]):
         frozen[i], trainable[i] = _from_base(pairs[i], trainable[i], spec, key)
   if spec.use_dora:
@@ -228,7 +236,8 @@ def _with_magnitude(w0: Any, lp: LoraParam) -> DoraParam:
     m = jax.ShapeDtypeStruct(tuple(w0.shape[i] for i in lay.stack_axes + lay.out_axes),
                              lp.a.dtype, sharding=sharding)
   else:
-    m = column_norm(jnp.asarray(w0, jnp.float32), lay).astype(lp.a.dtype)
+    dense = w0.dequantize(jnp.float32) if is_weight_node(w0) else jnp.asarray(w0, jnp.float32)
+    m = column_norm(dense, lay).astype(lp.a.dtype)
   return DoraParam(a=lp.a, b=lp.b, magnitude=m, scale=lp.scale, layout=lay, dropout=lp.dropout)
 
 
@@ -277,6 +286,12 @@ def check_factors(path: str, w0: Any, adapter: Adapter) -> None:
 
 def assemble(frozen: Any, trainable: Any):
   """The base leaves (W0 at adapted weights) plus the adapters by leaf index."""
+  leaves, treedef, adapters, _ = assemble_with_paths(frozen, trainable)
+  return leaves, treedef, adapters
+
+
+def assemble_with_paths(frozen: Any, trainable: Any):
+  """``assemble``, and the path of every leaf."""
   paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
   leaves, adapters = [], {}
   for i, (path, f, t) in enumerate(zip(paths, f_leaves, t_leaves)):
@@ -285,7 +300,7 @@ def assemble(frozen: Any, trainable: Any):
       leaves.append(f)
     else:
       leaves.append(f if f is not None else t)
-  return leaves, treedef, adapters
+  return leaves, treedef, adapters, paths
 
 
 def array_bytes(leaf: Any) -> int:
