@@ -550,7 +550,7 @@ def summarize(entries: Sequence[tuple[str, Any, Any, int, dict[str, Any] | None]
     t[0], t[1], t[2] = t[0] + 1, t[1] + size, t[2] + nbytes
   q, d = totals[True], totals[False]
   return {"params": q[0] + d[0], "elements": q[1] + d[1], "bytes": q[2] + d[2],
-          "dtypes": dict(dtypes),
+          "bits_per_param": 8 * (q[2] + d[2]) / max(q[1] + d[1], 1), "dtypes": dict(dtypes),
           "quantized": ({"tensors": q[0], "elements": q[1], "bytes": q[2],
                          "bits_per_param": 8 * q[2] / max(q[1], 1)} if q[0] else None),
           "dense": {"tensors": d[0], "elements": d[1], "bytes": d[2]},
