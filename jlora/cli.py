@@ -42,7 +42,7 @@ from jlora import base as base_files
 from jlora import bnb
 from jlora import orbax as jorbax
 from jlora import peft
-from jlora.errors import LoraError, LoraFileError, LoraLayoutError, LoraPeftError
+from jlora.errors import LoraError, LoraFileError, LoraPeftError
 from jlora._paths import flatten_with_paths
 from jlora.layout import Layout
 from jlora.lora_param import LoraParam
@@ -444,12 +444,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
       raise LoraFileError(f"--layout {regex!r} matches no parameter of '{args.base}'")
     for p in hits:
       layouts.setdefault(p, layout)
-  try:
-    quantized = jlora.quantize(base, args.targets, block_size=args.block_size,
-                               double_quant=not args.no_double_quant, layouts=layouts)
-  except LoraLayoutError as e:
-    raise LoraFileError(f"{_one_line(e)} [on the command line: --layout 'REGEX=IN:OUT[:STACK]' "
-                        f"(e.g. 'params/layers/.*/kernel=1:2:0'), or --targets]") from e
+  from jlora.quant import default_target
+  for p, x in base.items():
+    chosen = (default_target(p, x) if args.targets is None
+              else re.fullmatch(args.targets, p) is not None)
+    if chosen and not isinstance(x, NF4Array) and x.ndim != 2 and p not in layouts:
+      raise LoraFileError(f"'{p}' {tuple(x.shape)}: cannot tell its input axes (along which "
+                          f"the quantization blocks run) from a {x.ndim}-D shape: pass "
+                          f"--layout '{re.escape(p)}=IN:OUT[:STACK]' (e.g. a stacked Dense "
+                          f"kernel (layers, in, out) is 1:2:0), or leave it out with --targets")
+  quantized = jlora.quantize(base, args.targets, block_size=args.block_size,
+                             double_quant=not args.no_double_quant, layouts=layouts)
   new = [p for p, x in quantized.items()
          if isinstance(x, NF4Array) and not isinstance(base[p], NF4Array)]
   if not new:
