@@ -59,8 +59,9 @@ _PARAMS_VERSION, _PARAMS_VERSIONS = 2, (1, 2)
 # Keys of a safetensors file's metadata (string -> string): the format is
 # jlora's mark; the leaf order and a SHA-256 per tensor are checked on read.
 _ST_FORMAT, _ST_PATHS, _ST_SHA256 = "format", "jlora.paths", "jlora.sha256"
-# path -> {shape, dtype, quant, block_size, double_quant, layout} of each NF4 weight.
-_ST_QUANT = "jlora.quantized"
+# path -> {shape, dtype, quant, block_size, double_quant, layout} of each NF4 weight,
+# and the SHA-256 of that entry (the tensors' checksums do not cover it).
+_ST_QUANT, _ST_QUANT_SHA256 = "jlora.quantized", "jlora.quantized.sha256"
 # A quantized weight's arrays are stored under "<path>.nf4.<array>".
 _NF4_KEY = ".nf4."
 
@@ -222,6 +223,7 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
                 _ST_SHA256: json.dumps({k: _sha256(x) for k, x in tensors.items()})}
     if quantized:
       metadata[_ST_QUANT] = json.dumps(quantized)
+      metadata[_ST_QUANT_SHA256] = hashlib.sha256(metadata[_ST_QUANT].encode()).hexdigest()
     return _atomic.replace(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
                            overwrite=overwrite, owned=is_owned, what="base")
   nested = _nest(_stored(pairs, "/"))
@@ -305,13 +307,20 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
   try:
     order = json.loads(metadata.get(_ST_PATHS) or "null")
     sums = json.loads(metadata.get(_ST_SHA256) or "null")
-    quantized = json.loads(metadata.get(_ST_QUANT) or "{}")
+    raw = metadata.get(_ST_QUANT)
+    if raw is not None and hashlib.sha256(raw.encode()).hexdigest() != metadata.get(
+        _ST_QUANT_SHA256):
+      raise LoraFileError(f"'{path}' is damaged: its quantized weights' metadata "
+                          f"('{_ST_QUANT}') fails its checksum")
+    quantized = json.loads(raw or "{}")
     expected = [p for p in order if p not in quantized]
     for p, info in quantized.items():
       if p not in order:
         raise ValueError(p)
       expected += [f"{p}{_NF4_KEY}{name}" for name in nf4.part_specs(
           info["shape"], nf4.layout_of(info), info["block_size"], info["double_quant"])]
+  except LoraFileError:
+    raise
   except (ValueError, RecursionError, TypeError, KeyError, AttributeError, LoraError):
     raise LoraFileError(damaged) from None
   if (len(set(order)) != len(order) or sorted(expected) != sorted(keys)
