@@ -260,7 +260,8 @@ def _parse_state(files: _Files, state_key: str) -> _State:
     if state.get("quant_type") != "nf4":
       raise ValueError(f"quant_type {state.get('quant_type')!r} is not 'nf4'")
     block_size = state.get("blocksize")
-    if block_size not in nf4.BLOCK_SIZES or isinstance(block_size, bool):
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or (
+        block_size not in nf4.BLOCK_SIZES):
       raise ValueError(f"blocksize {block_size!r} is not one of {nf4.BLOCK_SIZES}")
     if state.get("dtype") not in _DTYPES:
       raise ValueError(f"dtype {state.get('dtype')!r} is not one of {_DTYPES}")

@@ -255,11 +255,13 @@ def synth(tmp_path_factory):
   for i, u in enumerate(ups):
     tensors.update(_bnb_entries(f"layers.{i}.up.weight", u, 64, True))
     tensors[f"layers.{i}.norm.weight"] = torch.full((16,), float(i))
+    tensors[f"layers.{i}.down.weight"] = torch.from_numpy(ups[i].T.copy())   # dense (16, 24)
   like = {"fc": {"kernel": jax.ShapeDtypeStruct((33, 7), jnp.float32),
                  "bias": jax.ShapeDtypeStruct((7,), jnp.float32)},
           "proj": {"kernel": jax.ShapeDtypeStruct((100, 64), jnp.float32)},
           "wide": {"kernel": jax.ShapeDtypeStruct((1000, 20), jnp.float32)},
           "layers": {"up": {"kernel": jax.ShapeDtypeStruct((STACK, 16, 24), jnp.float32)},
+                     "down": {"kernel": jax.ShapeDtypeStruct((STACK, 24, 16), jnp.float32)},
                      "norm": {"weight": jax.ShapeDtypeStruct((STACK, 16), jnp.float32)}}}
   f = tmp / "model.safetensors"
   torch_save_file(tensors, str(f), metadata={"format": "pt"})
@@ -292,6 +294,8 @@ def test_odd_sizes_block_sizes_no_double_quant_and_stacks(synth):
                         layouts={"k": jlora.Layout((1,), (2,), (0,))})["k"]
   np.testing.assert_array_equal(np.asarray(mine.codes), np.asarray(up.codes))
   np.testing.assert_array_equal(np.asarray(params["layers"]["norm"]["weight"])[:, 0], [0, 1, 2])
+  np.testing.assert_array_equal(np.asarray(params["layers"]["down"]["kernel"]),   # (in, out)
+                                np.swapaxes(synth["weights"]["layers/up/kernel"], 1, 2))
   # Written back: every entry bitsandbytes made, byte for byte.
   out = jlora.bnb.save(synth["tmp"] / "again.safetensors", params, SCANNED)
   theirs, ours = load_file(synth["file"]), load_file(out)
@@ -331,6 +335,7 @@ REFUSALS = {
                        "'fc.weight' is (out, in) (8, 33), which does not fit 'fc/kernel'"),
     "short codes": (lambda t: t.__setitem__("fc.weight", t["fc.weight"][:-1].clone()),
                     "'fc.weight' holds 115 bytes of codes"),
+    "float block size": (_set_state("fc.weight", blocksize=64.0), "blocksize 64.0"),
     "unknown state": (_set_state("fc.weight", compressed="yes"),
                       "'fc.weight.quant_state.bitsandbytes__nf4'", "unknown entries"),
     "bad json": (lambda t: t.__setitem__("proj.weight.quant_state.bitsandbytes__nf4",
@@ -359,6 +364,15 @@ def test_what_cannot_be_read_faithfully_is_refused_naming_the_entry(synth, tmp_p
     assert frag in message, message
 
 
+def test_codes_stored_in_another_dtype_are_the_same_bytes(synth, tmp_path):
+  """bnb_4bit_quant_storage=torch.bfloat16 stores the packed bytes as bf16."""
+  f = _damaged(synth, tmp_path, lambda t: t.__setitem__(
+      "fc.weight", t["fc.weight"].reshape(-1).view(torch.bfloat16).reshape(-1, 1)))
+  got = jlora.bnb.load(f, synth["like"], SCANNED)["fc"]["kernel"]
+  want = jlora.bnb.load(synth["file"], synth["like"], SCANNED)["fc"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+
+
 def test_a_like_that_does_not_fit_is_refused(synth):
   like = dict(synth["like"], fc={"kernel": jax.ShapeDtypeStruct((33, 8), jnp.float32),
                                  "bias": jax.ShapeDtypeStruct((7,), jnp.float32)})
@@ -375,3 +389,31 @@ def test_a_like_that_does_not_fit_is_refused(synth):
   out.write_bytes(bytes(data))
   with pytest.raises(jlora.LoraFileError, match="fails its checksum"):
     jlora.bnb.load(out, synth["like"], SCANNED)
+
+
+def test_multi_axis_and_bf16_weights_round_trip(tmp_path):
+  """A DenseGeneral kernel (d, heads, head_dim) is the PyTorch (heads * head_dim,
+  d) weight: quantized, as its quant state says, and dense, by its layout."""
+  rng = np.random.default_rng(3)
+  heads = jlora.Layout((0,), (1, 2))
+  dense = {"q": {"kernel": jnp.asarray(rng.standard_normal((16, 2, 4)), jnp.bfloat16),
+                 "bias": jnp.asarray(rng.standard_normal((2, 4)), jnp.bfloat16)},
+           "o": {"kernel": jnp.asarray(rng.standard_normal((2, 4, 16)), jnp.float32)}}
+  params = jlora.quantize(dense, ["q/kernel"], layouts={"q/kernel": heads})
+  rules = jlora.peft.Rules.generic()
+  layouts = {"o/kernel": jlora.Layout((0, 1), (2,))}
+  f = jlora.bnb.save(tmp_path / "model.safetensors", params, rules, layouts=layouts)
+  with safe_open(str(f), "numpy") as h:
+    state = json.loads(h.get_tensor("q.weight.quant_state.bitsandbytes__nf4").tobytes())
+    o = h.get_tensor("o.weight")
+  assert state["shape"] == [8, 16] and state["dtype"] == "bfloat16"
+  np.testing.assert_array_equal(o, np.asarray(dense["o"]["kernel"]).reshape(8, 16).T)
+  back = jlora.bnb.load(f, params, rules, layouts=layouts)
+  q = back["q"]["kernel"]
+  assert q.layout == heads and q.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(params["q"]["kernel"].codes))
+  assert back["q"]["bias"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(back["o"]["kernel"]), np.asarray(dense["o"]["kernel"]))
+  with pytest.raises(jlora.LoraFileError, match="'o/kernel' \\(2, 4, 16\\): a multi-axis kernel "
+                                                "needs its layout"):
+    jlora.bnb.save(tmp_path / "m2.safetensors", params, rules)
