@@ -59,7 +59,7 @@ import numpy as np
 
 from jlora import _atomic
 from jlora._paths import flatten_with_paths
-from jlora.errors import LoraError, LoraFileError
+from jlora.errors import LoraFileError, LoraSpecError
 from jlora.layout import Layout
 from jlora.peft import axes, names
 from jlora.peft.rules import Rules, RulesLike, as_rules
@@ -407,7 +407,10 @@ def _name(path: str, rules: Rules, where: str) -> _Name:
 
 def _check_layout(path: str, layout: Layout, shape: tuple[int, ...], n_stack: int,
                   where: str) -> None:
-  layout.check(shape, path)
+  try:
+    layout.check(shape, path)
+  except LoraSpecError as e:
+    raise LoraFileError(f"{where}: {e}") from None
   if len(layout.stack_axes) != n_stack:
     raise LoraFileError(f"{where}: '{path}' has {len(layout.stack_axes)} stack axes in its "
                         f"layout {layout}, but the rules give its module "

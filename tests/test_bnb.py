@@ -373,6 +373,28 @@ def test_codes_stored_in_another_dtype_are_the_same_bytes(synth, tmp_path):
   np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
 
 
+def test_a_sharded_checkpoint(synth, tmp_path):
+  """save_pretrained's shards and model.safetensors.index.json."""
+  tensors = synth["tensors"]
+  keys = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": keys[::2],
+            "model-00002-of-00002.safetensors": keys[1::2]}
+  for name, part in shards.items():
+    torch_save_file({k: tensors[k] for k in part}, str(tmp_path / name),
+                    metadata={"format": "pt"})
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {k: n for n, part in shards.items() for k in part}}))
+  got = jlora.bnb.load(tmp_path, synth["like"], SCANNED)
+  want = jlora.bnb.load(synth["file"], synth["like"], SCANNED)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jlora.bnb.is_checkpoint(tmp_path)
+  assert jlora.bnb.describe(tmp_path)["quantized"]["tensors"] == len(SYNTH) + STACK
+  (tmp_path / "model-00002-of-00002.safetensors").unlink()
+  with pytest.raises(jlora.LoraFileError, match="lists shard 'model-00002-of-00002.safetensors'"):
+    jlora.bnb.load(tmp_path, synth["like"], SCANNED)
+
+
 def test_a_like_that_does_not_fit_is_refused(synth):
   like = dict(synth["like"], fc={"kernel": jax.ShapeDtypeStruct((33, 8), jnp.float32),
                                  "bias": jax.ShapeDtypeStruct((7,), jnp.float32)})
