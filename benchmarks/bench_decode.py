@@ -15,9 +15,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import jlora  # noqa: E402
 import models  # noqa: E402
-from bench_bank import _machine  # noqa: E402
+import harness  # noqa: E402
 
 TARGETS = r".*/(q|k|v|o|up|down)/kernel"
 
@@ -49,18 +47,10 @@ def run(cfg: models.ModelConfig, batch: int, rank: int, rounds: int) -> dict:
   got, _ = lora_step(frozen, trainable, cache, tokens, pos)
   diff = float(jnp.max(jnp.abs(got - want)))
   assert diff < 1e-3, f"merged and unmerged decode steps differ by {diff}"
-  times = {"merged": [], "unmerged": []}
-  runs = {"merged": lambda: merged_step(merged, cache, tokens, pos),
-          "unmerged": lambda: lora_step(frozen, trainable, cache, tokens, pos)}
-  for f in runs.values():
-    jax.block_until_ready(f())
-  for _ in range(rounds):
-    for name, f in runs.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      times[name].append(time.perf_counter() - t0)
-  med = {k: statistics.median(v) for k, v in times.items()}
-  return {"machine": _machine(), "jax": jax.__version__, "backend": jax.default_backend(),
+  med = harness.interleaved({"merged": lambda: merged_step(merged, cache, tokens, pos),
+                             "unmerged": lambda: lora_step(frozen, trainable, cache, tokens, pos)},
+                            rounds, block=jax.block_until_ready)
+  return {"machine": harness.machine(), "machine_info": harness.machine_info(), "jax": jax.__version__, "backend": jax.default_backend(),
           "config": {"d_model": cfg.d_model, "layers": cfg.n_layers, "batch": batch,
                      "cache": cfg.seq_len, "rank": rank},
           "median_ms": {k: v * 1e3 for k, v in med.items()},

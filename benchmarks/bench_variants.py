@@ -15,11 +15,10 @@ are reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +28,7 @@ import optax  # noqa: E402
 
 import jlora  # noqa: E402
 import models  # noqa: E402
-from bench_bank import _machine  # noqa: E402
+import harness  # noqa: E402
 
 PROJ = r".*/(q|k|v|o|up|down)/kernel"
 
@@ -69,17 +68,9 @@ def run(cfg: models.ModelConfig, rank: int, rounds: int) -> dict:
     frozen, trainable = jlora.lora_transform(params, spec, key=jax.random.key(0))
     trainable = jax.tree_util.tree_map(lambda x: x + 1e-3, trainable)
     steps[name] = make(frozen, trainable)
-  times = {k: [] for k in steps}
-  for f, args in steps.values():
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-  for _ in range(rounds):
-    for name, (f, args) in steps.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[name].append(time.perf_counter() - t0)
-  med = {k: statistics.median(v) for k, v in times.items()}
-  return {"machine": _machine(), "jax": jax.__version__, "backend": jax.default_backend(),
+  med = harness.interleaved({k: functools.partial(f, *args) for k, (f, args) in steps.items()},
+                            rounds, block=jax.block_until_ready)
+  return {"machine": harness.machine(), "machine_info": harness.machine_info(), "jax": jax.__version__, "backend": jax.default_backend(),
           "rounds": rounds, "median_ms": {k: v * 1e3 for k, v in med.items()},
           "dora_over_lora": med["dora"] / med["lora"],
           "embedding_adapted_over_frozen": med["lora+embedding"] / med["lora"]}
