@@ -21,6 +21,7 @@ from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.optim import optimizer
+from jlora.sharding import TrainShardings, shardings
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 from jlora.transform import lora_transform
@@ -41,6 +42,8 @@ __all__ = [
     "unmerge",
     "frozen_like",
     "optimizer",
+    "shardings",
+    "TrainShardings",
     "summary",
     "LoraSummary",
     "path_str",

@@ -2,14 +2,21 @@
 
 A follows W0's input axes and B its output axes; stack axes lead in both and
 the rank axis is replicated, so a sharded base needs no extra code.
+``shardings(trainable, tx)`` gives the trainable part's shardings and the
+optimizer state's, for ``jax.jit(..., in_shardings=..., out_shardings=...)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
+import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora._paths import flatten_with_paths
+from jlora.adapter import is_adapter
+from jlora.errors import LoraTreeError
 from jlora.layout import Layout
 
 
@@ -42,3 +49,143 @@ def leaf_sharding(leaf: Any) -> Any:
     return getattr(leaf, "sharding", None)
   except Exception:  # tracers under jit have no concrete sharding
     return None
+
+
+def lead(sharding: NamedSharding | None, n: int = 1) -> NamedSharding | None:
+  """``sharding`` with ``n`` replicated axes in front (a bank's adapter axis)."""
+  if sharding is None:
+    return None
+  return NamedSharding(sharding.mesh, PartitionSpec(*((None,) * n + tuple(sharding.spec))))
+
+
+class TrainShardings(NamedTuple):
+  """What ``jlora.shardings`` returns: two trees of ``NamedSharding``.
+
+  Attributes:
+    trainable: the structure of the trainable tree (a ``LoraParam`` or
+      ``LoraBank`` of shardings at each adapted weight, None elsewhere).
+    opt_state: the structure of ``tx.init(trainable)``; None without ``tx``.
+  """
+  trainable: Any
+  opt_state: Any
+
+
+def shardings(trainable: Any, tx: Any = None, *, base: Any = None) -> TrainShardings:
+  """The shardings of the trainable part and of its optimizer state.
+
+  Give them to ``jax.jit`` as ``in_shardings``/``out_shardings`` of a
+  training step (and to ``jax.device_put``), so that every step returns A, B
+  and the optimizer state where they came in: XLA's sharding propagation is
+  otherwise free to pick other shardings for a jitted step's outputs, and
+  the next step would re-shard them.
+
+  * A and B follow W0's sharding: A takes W0's input axes, B its output
+    axes, stack axes lead in both and the rank axis is replicated (what
+    ``lora_transform`` gives a sharded base). A bank's adapter axis is
+    replicated.
+  * A leaf trained in full (``extra_trainable``) keeps its base leaf's
+    sharding when ``base`` holds it (the full parameters), else its own,
+    else it is replicated.
+  * Optimizer state: every subtree with the trainable tree's structure and
+    shapes (Adam's ``mu`` and ``nu``, a momentum, ``MultiSteps``'
+    accumulated gradients; per adapter for a bank) gets the trainable
+    shardings; every other leaf (Adam's ``count``, a schedule's step, a
+    factored second moment) is replicated.
+
+  Args:
+    trainable: the trainable part from ``lora_transform`` or
+      ``stack_adapters``; concrete, or abstract (``jax.ShapeDtypeStruct``).
+    tx: the optax transformation (usually ``jlora.optimizer(...)``); its
+      state is computed abstractly with ``jax.eval_shape``, nothing is
+      allocated.
+    base: the frozen part or the full parameters (concrete or abstract with
+      shardings). With it, the factors' shardings are derived from W0's;
+      without it, from the factors' own shardings.
+
+  Returns:
+    ``TrainShardings(trainable, opt_state)``.
+
+  Raises:
+    LoraTreeError: nothing in ``trainable`` or ``base`` is placed on a mesh
+      (no ``NamedSharding``), or ``base`` has another structure.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jlora
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> w = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("data", None)))
+    >>> frozen, trainable = jlora.lora_transform({"w": w}, jlora.LoraSpec(rank=2, targets=["w"]),
+    ...                                          key=jax.random.key(0))
+    >>> tx = jlora.optimizer(optax.adam(1e-3), trainable)
+    >>> sh = jlora.shardings(trainable, tx, base=frozen)
+    >>> sh.trainable["w"].a.spec, sh.opt_state[0].mu["w"].a.spec, sh.opt_state[0].count.spec
+    (P('data', None), P('data', None), P())
+  """
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=is_adapter)
+  b_leaves: list[Any] = [None] * len(t_pairs)
+  if base is not None:
+    b_pairs, b_def = flatten_with_paths(base)
+    if b_def != t_def:
+      t_paths, b_paths = {p for p, _ in t_pairs}, {p for p, _ in b_pairs}
+      raise LoraTreeError(
+          f"jlora.shardings: trainable and base have different structures (only in "
+          f"trainable: {sorted(t_paths - b_paths)[:3]}; only in base: "
+          f"{sorted(b_paths - t_paths)[:3]}); pass the frozen part or the parameters")
+    b_leaves = [leaf for _, leaf in b_pairs]
+  mesh = _find_mesh(b_leaves, trainable)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def named(s: Any) -> NamedSharding:
+    return s if isinstance(s, NamedSharding) else replicated
+
+  out = []
+  for (path, leaf), w0 in zip(t_pairs, b_leaves):
+    if leaf is None:
+      out.append(None)
+    elif is_adapter(leaf):
+      lay = leaf.layout
+      n_lead = leaf.a.ndim - len(lay.stack_axes) - len(lay.in_axes) - 1   # a bank's: 1
+      derived = (None, None)
+      if w0 is not None:
+        derived = factor_shardings(leaf_sharding(w0), leaf.layout, len(w0.shape))
+      a_sh, b_sh = (lead(s, n_lead) for s in derived)
+      a_sh = a_sh or named(leaf_sharding(leaf.a))
+      b_sh = b_sh or named(leaf_sharding(leaf.b))
+      out.append(dataclasses.replace(leaf, a=a_sh, b=b_sh))
+    else:
+      own = leaf_sharding(w0) if w0 is not None else None
+      out.append(own if isinstance(own, NamedSharding) else named(leaf_sharding(leaf)))
+  t_shardings = t_def.unflatten(out)
+  if tx is None:
+    return TrainShardings(t_shardings, None)
+  return TrainShardings(t_shardings, _opt_shardings(trainable, tx, t_shardings, replicated))
+
+
+def _find_mesh(base_leaves: list[Any], trainable: Any) -> Any:
+  for leaf in list(base_leaves) + jax.tree_util.tree_leaves(trainable):
+    s = leaf_sharding(leaf)
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  raise LoraTreeError(
+      "jlora.shardings: no leaf of trainable or base is placed on a mesh (none has a "
+      "NamedSharding); put the parameters on a mesh first (jax.device_put with a "
+      "NamedSharding, or abstract leaves with sharding=)")
+
+
+def _opt_shardings(trainable: Any, tx: Any, t_shardings: Any, replicated: NamedSharding) -> Any:
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+  state = jax.eval_shape(tx.init, abstract)
+  t_def = jax.tree_util.tree_structure(abstract)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(abstract)]
+
+  def mirrors(node: Any) -> bool:
+    if jax.tree_util.tree_structure(node) != t_def:
+      return False
+    return [tuple(x.shape) for x in jax.tree_util.tree_leaves(node)] == shapes
+
+  def assign(node: Any) -> Any:
+    if node is not None and mirrors(node):
+      return t_shardings
+    return replicated
+
+  return jax.tree_util.tree_map(assign, state, is_leaf=lambda n: n is not None and mirrors(n))
