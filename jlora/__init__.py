@@ -14,16 +14,20 @@ from jlora._paths import path_str
 from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
 from jlora.combine import Combination, combine
+from jlora.dora import DoraParam
 from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
                           LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
 from jlora.interpret import infer_layouts, lora
 from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
-from jlora.optim import optimizer
+from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
 from jlora.sharding import TrainShardings, shardings
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
+from jlora.quant import NF4Array, dequantize, quantize
+from jlora.merge import RequantizeReport
+from jlora.summary import MemoryTable
 from jlora.transform import lora_transform
 
 try:
@@ -39,17 +43,28 @@ __all__ = [
     "lora",
     "infer_layouts",
     "merge",
+    "Layout",
     "unmerge",
     "frozen_like",
     "optimizer",
+    "lora_plus",
+    "lora_fa",
+    "freeze_a",
     "shardings",
     "TrainShardings",
     "summary",
     "LoraSummary",
+    "MemoryTable",
     "path_str",
+    # quantized bases
+    "quantize",
+    "dequantize",
+    "NF4Array",
+    "RequantizeReport",
     # adapters
     "Adapter",
     "LoraParam",
+    "DoraParam",
     "LoraBank",
     "stack_adapters",
     "select_adapter",

@@ -44,10 +44,27 @@ def is_none(x: Any) -> bool:
   return x is None
 
 
+# Pytree node types that stand for one parameter (a quantized weight is a
+# node whose children are its packed arrays): paths and specs see them whole.
+_WEIGHT_NODES: tuple[type, ...] = ()
+
+
+def register_weight_node(node_type: type) -> None:
+  """Makes ``flatten_with_paths`` keep nodes of ``node_type`` as one leaf."""
+  global _WEIGHT_NODES
+  if node_type not in _WEIGHT_NODES:
+    _WEIGHT_NODES = _WEIGHT_NODES + (node_type,)
+
+
+def is_weight_node(x: Any) -> bool:
+  return isinstance(x, _WEIGHT_NODES)
+
+
 def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
                        ) -> tuple[list[tuple[str, Any]], Any]:
-  """Flattens a tree keeping None as a leaf; returns [(path, leaf)], treedef."""
+  """Flattens a tree keeping None (and a registered weight node, such as an
+  ``NF4Array``) as a leaf; returns [(path, leaf)], treedef."""
   def leaf_pred(x):
-    return x is None or (is_leaf is not None and is_leaf(x))
+    return x is None or is_weight_node(x) or (is_leaf is not None and is_leaf(x))
   pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf_pred)
   return [(path_str(kp), leaf) for kp, leaf in pairs], treedef

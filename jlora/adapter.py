@@ -30,6 +30,14 @@ class Adapter:
     """The shapes its arrays have."""
     raise NotImplementedError
 
+  def merged(self, w0: Any) -> Any:
+    """The adapted weight from ``w0`` (float32 or wider), in W0's axis order."""
+    raise NotImplementedError
+
+  def unmerged(self, w: Any) -> Any:
+    """``w0`` back from a merged weight; raises where it cannot be recovered."""
+    raise NotImplementedError
+
 
 def is_adapter(x: Any) -> bool:
   """Whether ``x`` is an adapter leaf (``LoraParam``, ``LoraBank``)."""

@@ -72,6 +72,12 @@ class LoraBank(Adapter):
   def array_shapes(self) -> tuple[tuple[int, ...], ...]:
     return tuple(self.a.shape), tuple(self.b.shape)
 
+  def merged(self, w0: Any) -> Any:
+    raise LoraTreeError("a bank holds several adapters; merge one of them "
+                        "(jlora.merge(..., adapter=name) or jlora.select_adapter)")
+
+  unmerged = merged
+
   def adapter(self, name: str) -> LoraParam | None:
     """Adapter ``name``'s own pair (padding dropped); None if it leaves this
     weight alone."""

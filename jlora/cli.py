@@ -64,8 +64,10 @@ def _kind(path: PathLike) -> str:
                         f"directory or a PEFT folder")
   if jorbax.is_adapter(p):
     return "jlora"
-  if peft.is_adapter(p):
+  if peft.is_adapter(p) and not peft.is_bank(p):
     return "peft"
+  if peft.is_bank(p):
+    return "peft-bank"
   if base_files.is_base(p):
     return "params"
   if any(c.name.isdigit() and jorbax.is_adapter(c) for c in p.iterdir()):
@@ -79,6 +81,10 @@ def _adapter_kind(path: PathLike) -> str:
   kind = _kind(path)
   if kind == "params":
     raise LoraFileError(f"'{path}' is a params checkpoint (a base), not an adapter")
+  if kind == "peft-bank":
+    names = ", ".join(a["name"] for a in peft.describe_bank(path)["adapters"])
+    raise LoraFileError(f"'{path}' holds several PEFT adapters ({names}); pass one adapter's "
+                        f"folder")
   return kind
 
 
@@ -191,6 +197,11 @@ def _layout_str(layout: Mapping[str, Any]) -> str:
 
 def _format_inspect(info: dict[str, Any]) -> str:
   lines = [f"{info['path']}", f"format: {info['format_detail']}"]
+  if info["format"] == "peft-bank":
+    for adapter in info["adapters"]:
+      lines.append(f"adapter {adapter['name']!r}:")
+      lines += ["  " + line for line in _format_inspect(adapter).splitlines()]
+    return "\n".join(lines)
   if info["format"] == "params":
     dtypes = ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())
     lines.append(f"parameters: {info['params']} tensors, {info['elements']:,} elements, "
@@ -245,7 +256,7 @@ def _format_inspect(info: dict[str, Any]) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
   kind = _kind(args.path)
-  info = {"jlora": jorbax.describe, "peft": peft.describe,
+  info = {"jlora": jorbax.describe, "peft": peft.describe, "peft-bank": peft.describe_bank,
           "params": base_files.describe}[kind](args.path)
   print(json.dumps(info, indent=2) if args.json else _format_inspect(info))
   return 0

@@ -50,6 +50,12 @@ class LoraParam(Adapter):
   def array_shapes(self) -> tuple[tuple[int, ...], ...]:
     return tuple(self.a.shape), tuple(self.b.shape)
 
+  def merged(self, w0: jax.Array) -> jax.Array:
+    return w0 + self.delta(w0.dtype)
+
+  def unmerged(self, w: jax.Array) -> jax.Array:
+    return w - self.delta(w.dtype)
+
   def delta(self, dtype: Any = jnp.float32) -> jax.Array:
     """Returns ``scale * B A`` in the frozen weight's axis order."""
     return lowrank_product(self.a, self.b, self.scale, self.layout, dtype)

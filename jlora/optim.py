@@ -1,14 +1,19 @@
-"""``optimizer``: an optax transformation that checks it only sees adapters."""
+"""Optax for adapters: ``optimizer`` (state for the adapters only, per adapter
+for a bank), and the LoRA-specific transformations ``lora_plus``, ``lora_fa``
+and ``freeze_a``, each a plain ``GradientTransformation`` for any optax chain."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jlora.errors import LoraTreeError
+from jlora.dora import DoraParam
+from jlora.errors import LoraSpecError, LoraTreeError
+from jlora.lora_param import LoraParam
 from jlora._paths import flatten_with_paths
 from jlora.adapter import is_adapter
 from jlora.bank import LoraBank
@@ -119,3 +124,107 @@ def _bank_size(trainable: Any) -> int | None:
     raise LoraTreeError(f"jlora.optimizer: the banks hold different numbers of adapters "
                         f"{sorted(sizes)}")
   return sizes.pop()
+
+
+def _map_factors(fn, updates: Any, params: Any = None) -> Any:
+  """``fn(name, update, adapter_params)`` for each factor array of each
+  adapter in ``updates`` (``name`` is the field: "a", "b", "magnitude")."""
+  is_leaf = lambda x: x is None or is_adapter(x)  # noqa: E731
+
+  def one(u, p):
+    if not is_adapter(u):
+      return u
+    fields = {f.name: getattr(u, f.name) for f in dataclasses.fields(u)
+              if not f.metadata.get("static")}
+    new = {name: fn(name, value, p) for name, value in fields.items()}
+    return dataclasses.replace(u, **new)
+
+  if params is None:
+    return jax.tree_util.tree_map(lambda u: one(u, None), updates, is_leaf=is_leaf)
+  return jax.tree_util.tree_map(one, updates, params, is_leaf=is_leaf)
+
+
+def lora_plus(lr_ratio: float) -> optax.GradientTransformation:
+  """LoRA+: B learns ``lr_ratio`` times faster than A (Hayou et al., 2024).
+
+  Scales the updates of every B factor; put it after the optimizer, so that
+  B's step (weight decay included) is ``lr_ratio`` times A's, as PEFT's
+  ``create_loraplus_optimizer`` gives B a learning rate ``lr * lr_ratio``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jlora
+    >>> _, t = jlora.lora_transform({"w": jnp.ones((8, 8))},
+    ...                             jlora.LoraSpec(rank=2, targets=["w"]), key=jax.random.key(0))
+    >>> tx = optax.chain(optax.adamw(1e-3), jlora.lora_plus(16.0))
+    >>> state = tx.init(t)
+  """
+  if not lr_ratio > 0:
+    raise LoraSpecError(f"lr_ratio must be > 0, got {lr_ratio!r}")
+
+  def update(updates, state, params=None):
+    del params
+    scale = lambda name, u, _: u * jnp.asarray(lr_ratio, u.dtype) if name == "b" else u  # noqa
+    return _map_factors(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def lora_fa() -> optax.GradientTransformation:
+  """LoRA-FA: A frozen, B's gradient projected (Zhang et al., 2023; PEFT's
+  ``LoraFAOptimizer``).
+
+  With A fixed, the B whose product ``s B A`` best follows the full
+  fine-tuning gradient takes ``g_B (A A^T)^-1 / s^2`` (in PyTorch's (out, r)
+  terms); A's gradient is zeroed. Put it before the optimizer, and
+  ``jlora.freeze_a()`` after it if the optimizer decays weights:
+  ``optax.chain(jlora.lora_fa(), optax.adamw(lr), jlora.freeze_a())``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jlora
+    >>> _, t = jlora.lora_transform({"w": jnp.ones((8, 8))},
+    ...                             jlora.LoraSpec(rank=2, targets=["w"]), key=jax.random.key(0))
+    >>> tx = optax.chain(jlora.lora_fa(), optax.adamw(1e-3), jlora.freeze_a())
+    >>> state = tx.init(t)
+  """
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise LoraTreeError("jlora.lora_fa needs the parameters: tx.update(grads, state, "
+                          "trainable)")
+
+    def project(name, g, p):
+      if not isinstance(p, (LoraParam, DoraParam)):
+        raise LoraTreeError(f"jlora.lora_fa projects the B of LoRA pairs; got a "
+                            f"{type(p).__name__} (a bank's adapters have scales of their own)")
+      if name == "a":
+        return jnp.zeros_like(g)
+      if name != "b":
+        return g
+      ns = len(p.layout.stack_axes)
+      a = p.a.reshape(p.a.shape[:ns] + (-1, p.a.shape[-1])).astype(jnp.float32)
+      gram = jnp.swapaxes(a, -1, -2) @ a                      # A A^T in PyTorch's terms
+      eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+      inv = jnp.linalg.pinv(gram + 1e-8 * eye)
+      gb = g.reshape(g.shape[:ns + 1] + (-1,)).astype(jnp.float32)
+      return ((inv @ gb) / p.scale ** 2).reshape(g.shape).astype(g.dtype)
+
+    return _map_factors(project, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def freeze_a() -> optax.GradientTransformation:
+  """Zeroes the updates of every A factor (with ``lora_fa``: A stays fixed
+  even under a decaying optimizer).
+
+  Example:
+    >>> import optax, jlora
+    >>> tx = optax.chain(optax.adamw(1e-3), jlora.freeze_a())
+  """
+
+  def update(updates, state, params=None):
+    del params
+    return _map_factors(lambda name, u, _: jnp.zeros_like(u) if name == "a" else u,
+                        updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

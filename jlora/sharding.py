@@ -51,6 +51,14 @@ def leaf_sharding(leaf: Any) -> Any:
     return None
 
 
+def _axes_sharding(sharding: Any, axes: tuple[int, ...], ndim: int) -> NamedSharding | None:
+  """The sharding of W0's ``axes``, in that order (None if W0 has no NamedSharding)."""
+  if not isinstance(sharding, NamedSharding):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  return NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in axes)))
+
+
 def lead(sharding: NamedSharding | None, n: int = 1) -> NamedSharding | None:
   """``sharding`` with ``n`` replicated axes in front (a bank's adapter axis)."""
   if sharding is None:
@@ -86,11 +94,13 @@ def shardings(trainable: Any, tx: Any = None, *, base: Any = None) -> TrainShard
   * A leaf trained in full (``extra_trainable``) keeps its base leaf's
     sharding when ``base`` holds it (the full parameters), else its own,
     else it is replicated.
-  * Optimizer state: every subtree with the trainable tree's structure and
-    shapes (Adam's ``mu`` and ``nu``, a momentum, ``MultiSteps``'
-    accumulated gradients; per adapter for a bank) gets the trainable
-    shardings; every other leaf (Adam's ``count``, a schedule's step, a
-    factored second moment) is replicated.
+  * A DoRA magnitude follows W0's stack and output axes.
+  * Optimizer state: a leaf whose key path ends with a trainable leaf's path
+    and has its shape (Adam's ``mu['w'].a`` of ``['w'].a``, a momentum,
+    ``MultiSteps``' accumulated gradients, a masked transformation's
+    leaves; per adapter for a bank) gets that leaf's sharding; every other
+    leaf (Adam's ``count``, a schedule's step, a factored second moment) is
+    replicated.
 
   Args:
     trainable: the trainable part from ``lora_transform`` or
@@ -149,9 +159,19 @@ def shardings(trainable: Any, tx: Any = None, *, base: Any = None) -> TrainShard
       if w0 is not None:
         derived = factor_shardings(leaf_sharding(w0), leaf.layout, len(w0.shape))
       a_sh, b_sh = (lead(s, n_lead) for s in derived)
-      a_sh = a_sh or named(leaf_sharding(leaf.a))
-      b_sh = b_sh or named(leaf_sharding(leaf.b))
-      out.append(dataclasses.replace(leaf, a=a_sh, b=b_sh))
+      fields = {"a": a_sh or named(leaf_sharding(leaf.a)),
+                "b": b_sh or named(leaf_sharding(leaf.b))}
+      for f in dataclasses.fields(leaf):
+        value = getattr(leaf, f.name)
+        if f.name in fields or f.metadata.get("static") or value is None:
+          continue
+        # DoRA's magnitude: (*stack, *out), as W0's stack and output axes.
+        own = None
+        if f.name == "magnitude" and w0 is not None:
+          own = lead(_axes_sharding(leaf_sharding(w0), lay.stack_axes + lay.out_axes,
+                                    len(w0.shape)), n_lead)
+        fields[f.name] = own or named(leaf_sharding(value))
+      out.append(dataclasses.replace(leaf, **fields))
     else:
       own = leaf_sharding(w0) if w0 is not None else None
       out.append(own if isinstance(own, NamedSharding) else named(leaf_sharding(leaf)))
@@ -173,19 +193,21 @@ def _find_mesh(base_leaves: list[Any], trainable: Any) -> Any:
 
 
 def _opt_shardings(trainable: Any, tx: Any, t_shardings: Any, replicated: NamedSharding) -> Any:
+  """Each optimizer leaf whose key path ends with a trainable leaf's path, with
+  its shape, takes that leaf's sharding (``mu['w'].a`` of ``['w'].a``; masked
+  or partial mirrors too); every other leaf is replicated."""
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
   state = jax.eval_shape(tx.init, abstract)
-  t_def = jax.tree_util.tree_structure(abstract)
-  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(abstract)]
+  t_leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  s_leaves = jax.tree_util.tree_leaves(t_shardings)
+  by_path = {tuple(path): (tuple(leaf.shape), sh) for (path, leaf), sh in zip(t_leaves, s_leaves)}
+  lengths = sorted({len(p) for p in by_path}, reverse=True)
 
-  def mirrors(node: Any) -> bool:
-    if jax.tree_util.tree_structure(node) != t_def:
-      return False
-    return [tuple(x.shape) for x in jax.tree_util.tree_leaves(node)] == shapes
-
-  def assign(node: Any) -> Any:
-    if node is not None and mirrors(node):
-      return t_shardings
+  def assign(path: tuple, leaf: Any) -> NamedSharding:
+    for n in lengths:
+      hit = by_path.get(tuple(path[len(path) - n:])) if n <= len(path) else None
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
     return replicated
 
-  return jax.tree_util.tree_map(assign, state, is_leaf=lambda n: n is not None and mirrors(n))
+  return jax.tree_util.tree_map_with_path(assign, state)

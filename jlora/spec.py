@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import LoraSpecError
+from jlora import inits
 from jlora.layout import Layout
 
 # A selection of parameter paths: a regex matched in full against the
@@ -18,7 +19,7 @@ from jlora.layout import Layout
 # ``fn(path, leaf) -> bool``.
 PathSelector = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
-_INITS = ("default", "gaussian")
+_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 _SELECTORS = ("targets", "exclude", "extra_trainable")
 
 
@@ -92,9 +93,14 @@ class LoraSpec:
       regex may match the whole path or a '/'-aligned suffix; first match wins).
     alpha_pattern: regex -> alpha, likewise.
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+    use_dora: weight-decomposed LoRA (``jlora.DoraParam``): a trained magnitude
+      per output column beside the pair (see ``jlora.dora``).
     init: ``"default"``: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PEFT's
-      kaiming-uniform; ``"gaussian"``: A ~ N(0, 1/r^2). B = 0 in both, so the
-      adapted model starts equal to the base.
+      kaiming-uniform; ``"gaussian"``: A ~ N(0, 1/r^2); B = 0 in both, so the
+      adapted model starts equal to the base. ``"pissa"``
+      (``"pissa_niter_N"``: by a randomized SVD) and ``"olora"`` start the
+      adapter from W0's top singular directions or its QR factors and
+      replace W0 in ``frozen`` by the residual (see ``jlora.inits``).
     dropout: dropout rate applied to the input of the LoRA path only,
       ``W0 x + s B(A drop(x))``; active only when a dropout key is passed.
     dtype: dtype of A and B (float32 by default, also for a bf16 base).
@@ -117,6 +123,7 @@ class LoraSpec:
   rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
   use_rslora: bool = False
+  use_dora: bool = False
   init: str = "default"
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -145,7 +152,7 @@ class LoraSpec:
       _check_pattern_key(key, f"layouts[{key!r}]")
       if not isinstance(layout, Layout):
         raise LoraSpecError(f"layouts[{key!r}]: expected a jlora.Layout, got {layout!r}")
-    if self.init not in _INITS:
+    if not isinstance(self.init, str) or not inits.valid(self.init):
       raise LoraSpecError(f"init must be one of {_INITS}, got {self.init!r}")
     if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
         or not 0.0 <= self.dropout < 1.0):

@@ -24,10 +24,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
-from jlora._paths import flatten_with_paths
+from jlora._paths import flatten_with_paths, is_weight_node
+from jlora import inits
 from jlora.adapter import Adapter, is_adapter
+from jlora.dora import DoraParam, column_norm
 from jlora.lora_param import LoraParam
 from jlora.sharding import factor_shardings, leaf_sharding
 from jlora.layout import Layout
@@ -35,7 +38,12 @@ from jlora.spec import LoraSpec
 
 
 def _is_abstract(x: Any) -> bool:
-  return isinstance(x, jax.ShapeDtypeStruct)
+  """An abstract weight: a ShapeDtypeStruct, or a weight node (an NF4Array)
+  whose arrays are all abstract."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return True
+  leaves = jax.tree_util.tree_leaves(x) if is_weight_node(x) else ()
+  return bool(leaves) and all(isinstance(l, jax.ShapeDtypeStruct) for l in leaves)
 
 
 def _is_array_like(x: Any) -> bool:
@@ -183,7 +191,54 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
       if a_sharding is not None:
         a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
       trainable[i] = dataclasses.replace(trainable[i], a=a, b=b)
+  if inits.is_base_changing(spec.init):
+    for i in targets:
+      if is_weight_node(pairs[i][1]):
+        raise LoraSpecError(f"'{pairs[i][0]}': init={spec.init!r} rewrites W0, which is "
+                            f"quantized here; quantize the residual afterwards instead")
+      if not _is_abstract(pairs[i][1]):
+        frozen[i], trainable[i] = _from_base(pairs[i], trainable[i], spec, key)
+  if spec.use_dora:
+    for i in targets:
+      trainable[i] = _with_magnitude(pairs[i][1], trainable[i])
   return treedef.unflatten(frozen), treedef.unflatten(trainable)
+
+
+def _from_base(pair: tuple[str, Any], lp: LoraParam, spec: LoraSpec, key: jax.Array):
+  """The residual W0 and the factors of a base-changing init (PiSSA, OLoRA)."""
+  path, w0 = pair
+  key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+  a, b, residual = _base_init(w0, key, init=spec.init, layout=lp.layout, rank=lp.rank,
+                              scale=lp.scale, dtype=lp.a.dtype)
+  a_sharding, b_sharding = factor_shardings(leaf_sharding(w0), lp.layout, len(w0.shape))
+  if a_sharding is not None:
+    a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+    residual = jax.device_put(residual, leaf_sharding(w0))
+  return residual, dataclasses.replace(lp, a=a, b=b)
+
+
+_base_init = functools.partial(jax.jit, static_argnames=("init", "layout", "rank", "scale",
+                                                         "dtype"))(
+    lambda w0, key, *, init, layout, rank, scale, dtype: inits.from_base(
+        init, w0, layout, rank, scale, key, dtype))
+
+
+def _with_magnitude(w0: Any, lp: LoraParam) -> DoraParam:
+  """DoRA's pair and magnitude, the magnitude starting at W0's column norms."""
+  lay = lp.layout
+  if _is_abstract(w0):
+    spec = leaf_sharding(w0)
+    sharding = None
+    if isinstance(spec, NamedSharding):
+      entries = tuple(spec.spec) + (None,) * (len(w0.shape) - len(spec.spec))
+      sharding = NamedSharding(spec.mesh, PartitionSpec(
+          *(entries[i] for i in lay.stack_axes + lay.out_axes)))
+    m = jax.ShapeDtypeStruct(tuple(w0.shape[i] for i in lay.stack_axes + lay.out_axes),
+                             lp.a.dtype, sharding=sharding)
+  else:
+    dense = w0.dequantize(jnp.float32) if is_weight_node(w0) else jnp.asarray(w0, jnp.float32)
+    m = column_norm(dense, lay).astype(lp.a.dtype)
+  return DoraParam(a=lp.a, b=lp.b, magnitude=m, scale=lp.scale, layout=lay, dropout=lp.dropout)
 
 
 def split_trees(frozen: Any, trainable: Any):
@@ -231,6 +286,12 @@ def check_factors(path: str, w0: Any, adapter: Adapter) -> None:
 
 def assemble(frozen: Any, trainable: Any):
   """The base leaves (W0 at adapted weights) plus the adapters by leaf index."""
+  leaves, treedef, adapters, _ = assemble_with_paths(frozen, trainable)
+  return leaves, treedef, adapters
+
+
+def assemble_with_paths(frozen: Any, trainable: Any):
+  """``assemble``, and the path of every leaf."""
   paths, f_leaves, t_leaves, treedef = split_trees(frozen, trainable)
   leaves, adapters = [], {}
   for i, (path, f, t) in enumerate(zip(paths, f_leaves, t_leaves)):
@@ -239,7 +300,7 @@ def assemble(frozen: Any, trainable: Any):
       leaves.append(f)
     else:
       leaves.append(f if f is not None else t)
-  return leaves, treedef, adapters
+  return leaves, treedef, adapters, paths
 
 
 def array_bytes(leaf: Any) -> int:

@@ -39,7 +39,7 @@ def frozen_weight_shapes(frozen, trainable) -> dict[str, set[tuple[int, ...]]]:
   """For each frozen weight (by path), every shape its gradient or a merged
   copy could take, up to axis order: as stored, and for an adapted weight
   also per slice of its stack axes and flattened to (fan_in, fan_out)."""
-  is_leaf = lambda x: x is None or isinstance(x, jlora.LoraParam)
+  is_leaf = lambda x: x is None or isinstance(x, (jlora.LoraParam, jlora.NF4Array))
   f_leaves = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_leaf)[0]
   t_leaves = jax.tree_util.tree_leaves(trainable, is_leaf=is_leaf)
   shapes = {}

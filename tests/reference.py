@@ -186,3 +186,46 @@ def square_problem(d=8, n=4, rank=2):
   x = normal((n, d), seed=1)
   frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=rank, alpha=4, targets=["w"]))
   return frozen, trainable, x
+
+
+# -- bitsandbytes (QLoRA) references ------------------------------------------------------
+
+
+def bnb_quantize(w_out_in, *, block_size=64, double_quant=True):
+  """bitsandbytes 0.50's NF4 quantization of a PyTorch-layout (out, in) weight
+  (a NumPy array; bf16 given as ml_dtypes.bfloat16), as NumPy arrays:
+  ``codes`` (packed bytes), ``absmax``, and with double quantization
+  ``nested_absmax`` and ``offset``."""
+  bnb_f = pytest.importorskip("bitsandbytes.functional")
+  torch = pytest.importorskip("torch")
+  w = np.asarray(w_out_in)
+  t = (torch.from_numpy(w.astype(np.float32)).to(torch.bfloat16) if w.dtype.name == "bfloat16"
+       else torch.from_numpy(np.ascontiguousarray(w)))
+  packed, state = bnb_f.quantize_4bit(t, blocksize=block_size, quant_type="nf4",
+                                      compress_statistics=double_quant)
+  out = {"codes": packed.numpy().reshape(-1), "absmax": state.absmax.numpy()}
+  if double_quant:
+    out["nested_absmax"] = state.state2.absmax.numpy()
+    out["offset"] = np.float32(state.offset.item())
+  return out
+
+
+def bnb_dequantize(codes, absmax, nested_absmax, offset, shape, dtype, block_size=64):
+  """bitsandbytes 0.50's ``dequantize_4bit`` of NF4 arrays laid out as it
+  stores them, for a weight of PyTorch ``shape`` and ``dtype`` (a NumPy
+  dtype name); returns float32 NumPy values."""
+  bnb_f = pytest.importorskip("bitsandbytes.functional")
+  torch = pytest.importorskip("torch")
+  tdtype = getattr(torch, np.dtype(dtype).name)
+  state2 = None
+  if nested_absmax is not None:
+    state2 = bnb_f.QuantState(absmax=torch.from_numpy(np.array(nested_absmax)),
+                              code=bnb_f.create_dynamic_map(), blocksize=256,
+                              dtype=torch.float32)
+  state = bnb_f.QuantState(
+      absmax=torch.from_numpy(np.array(absmax)), shape=torch.Size(shape),
+      code=bnb_f.get_4bit_type("nf4", device="cpu"), blocksize=block_size, quant_type="nf4",
+      dtype=tdtype, offset=None if offset is None else torch.tensor(float(offset)),
+      state2=state2)
+  packed = torch.from_numpy(np.array(codes).reshape(-1, 1))
+  return bnb_f.dequantize_4bit(packed, state, quant_type="nf4").float().numpy()

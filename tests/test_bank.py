@@ -311,3 +311,14 @@ def test_training_a_bank_equals_training_each_adapter_alone():
   # The state is per adapter: Adam's step count counts each adapter's own steps.
   counts = [leaf for leaf in jax.tree_util.tree_leaves(state) if leaf.dtype == jnp.int32]
   assert counts and all(c.tolist() == [3, 2, 2] for c in counts)   # math, code, chat
+
+
+def test_each_adapter_of_a_bank_saves_and_loads_alone(tmp_path):
+  s = mlp()
+  for name in SPECS:
+    jlora.orbax.save(tmp_path / name, jlora.select_adapter(s.bank, name), base=s.frozen)
+  loaded = {name: jlora.orbax.load(tmp_path / name, base=s.frozen)[0] for name in SPECS}
+  again = jlora.stack_adapters(loaded)
+  assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(s.bank)
+  for x, y in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(s.bank)):
+    np.testing.assert_array_equal(x, y)

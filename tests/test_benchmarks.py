@@ -43,3 +43,17 @@ def test_bench_bank_quick(tmp_path):
   # The script asserts each strategy's rows equal their adapters' merged models.
   assert {r["adapters"] for r in rows} == {4}
   assert all(r[f"{h}_ratio"] > 0 for r in rows for h in ("gather", "segment", "masked"))
+
+
+def test_bench_qlora_quick(tmp_path):
+  # The 7B memory analysis (--no-7b here) compiles three more steps; the
+  # memory claim itself is tested in test_nf4.py on a scanned model.
+  out = tmp_path / "qlora.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH, "bench_qlora.py"), "--quick", "--no-7b", "--json",
+       str(out)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  # The script asserts that the QLoRA loss is the LoRA loss on the dequantized base.
+  assert res["speed"]["qlora_over_lora"] > 0
+  assert res["speed"]["quantized_bytes_per_param"] <= 0.52

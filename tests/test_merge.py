@@ -275,3 +275,79 @@ def test_merged_model_equals_lora_forward_for_scan_stacked_model():
   y_lora = jax.jit(jlora.lora(model.apply))(frozen, trainable, x)
   np.testing.assert_allclose(y_lora, y_merged, rtol=1e-4, atol=1e-4)
   assert float(jnp.abs(y_merged - apply(params, x)).max()) > 1e-2   # the update matters
+
+
+# -- a quantized (NF4) base ------------------------------------------------------------------
+
+
+def make_nf4(dtype=jnp.float32, names=("dense", "qkv", "stack", "torch")):
+  """``make``, with every w quantized to NF4 (adapted) and an extra NF4 weight ``u``
+  without an adapter."""
+  params, _, trainable = make(dtype=dtype, names=names)
+  params["u"] = {"w": jnp.asarray(np.random.default_rng(3).standard_normal((64, 8)), dtype)}
+  layouts = {f"{n}/w": CASES[n][1] for n in names}
+  quantized = jlora.quantize(params, ["w"], layouts=layouts)
+  trainable = dict(trainable, u={"w": None})
+  return quantized, jlora.frozen_like(quantized, trainable), trainable
+
+
+def test_merge_onto_nf4_gives_a_dense_base_from_dequantize_plus_delta_in_f32():
+  quantized, frozen, trainable = make_nf4()
+  merged = jlora.merge(frozen, trainable)
+  assert not any(isinstance(x, jlora.NF4Array) for x in jax.tree_util.tree_leaves(
+      merged, is_leaf=lambda x: isinstance(x, jlora.NF4Array)))
+  for n in ("dense", "qkv", "stack", "torch"):
+    q, lp = quantized[n]["w"], trainable[n]["w"]
+    want = np.asarray(q.dequantize(jnp.float32)) + np.asarray(lp.delta(jnp.float32))
+    assert merged[n]["w"].dtype == jnp.float32 and merged[n]["w"].shape == q.shape
+    np.testing.assert_allclose(np.asarray(merged[n]["w"]), want, rtol=1e-6, atol=1e-6)
+    assert merged[n]["bias"] is quantized[n]["bias"]
+  np.testing.assert_array_equal(merged["u"]["w"], quantized["u"]["w"].dequantize())
+  # In the dtype the user names: the merged and the dequantized weights; others keep theirs.
+  bf16 = jlora.merge(frozen, trainable, dtype=jnp.bfloat16)
+  assert bf16["dense"]["w"].dtype == bf16["u"]["w"].dtype == jnp.bfloat16
+  assert bf16["dense"]["bias"].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(bf16["dense"]["w"]),
+                                np.asarray(merged["dense"]["w"].astype(jnp.bfloat16)))
+  with pytest.raises(jlora.LoraError, match="dtype"):
+    jlora.merge(frozen, trainable, dtype=jnp.int8)
+
+
+def test_merge_onto_nf4_is_abstract_friendly_and_jits():
+  quantized, frozen, trainable = make_nf4(dtype=jnp.bfloat16, names=("qkv",))
+  out = jax.eval_shape(jlora.merge, frozen, trainable)
+  assert (out["qkv"]["w"].shape, out["qkv"]["w"].dtype) == ((16, 2, 8), jnp.bfloat16)
+  got = jax.jit(jlora.merge)(frozen, trainable)
+  np.testing.assert_allclose(np.asarray(got["qkv"]["w"], np.float32),
+                             np.asarray(jlora.merge(frozen, trainable)["qkv"]["w"], np.float32),
+                             rtol=1e-2)
+
+
+def test_requantize_is_explicit_and_reports_the_error_it_adds():
+  quantized, frozen, trainable = make_nf4()
+  dense = jlora.merge(frozen, trainable)
+  merged, report = jlora.merge(frozen, trainable, requantize=True)
+  assert set(report.per_path) == {"dense/w", "qkv/w", "stack/w", "torch/w"}
+  changes = []
+  for n in ("dense", "qkv", "stack", "torch"):
+    q = merged[n]["w"]
+    assert isinstance(q, jlora.NF4Array)
+    assert (q.layout, q.block_size, q.double_quant) == (quantized[n]["w"].layout, 64, True)
+    change = np.abs(np.asarray(q.dequantize(jnp.float32)) - np.asarray(dense[n]["w"]))
+    mx, mean, size = report.per_path[f"{n}/w"]
+    assert mx == pytest.approx(change.max(), rel=1e-6) and mean == pytest.approx(change.mean(),
+                                                                                rel=1e-5)
+    assert size == change.size and mx > 0
+    changes.append(change.reshape(-1))
+  allc = np.concatenate(changes)
+  assert report.max_abs == pytest.approx(allc.max(), rel=1e-6)
+  assert report.mean_abs == pytest.approx(allc.mean(), rel=1e-5)
+  assert merged["u"]["w"] is frozen["u"]["w"]      # no adapter: kept as it is
+  text = str(report)
+  assert text.startswith("requantized 4 weights to NF4: max |change|") and "stack/w" in text
+
+
+def test_unmerge_refuses_a_quantized_base():
+  _, frozen, trainable = make_nf4(names=("dense",))
+  with pytest.raises(jlora.LoraError, match="'dense/w' is quantized"):
+    jlora.unmerge(frozen, trainable)

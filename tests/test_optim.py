@@ -155,3 +155,100 @@ def test_jit_and_eager_training_agree():
   np.testing.assert_allclose(l_eager, l_jit, rtol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                          t_eager, t_jit)
+
+
+# -- LoRA+ and LoRA-FA ----------------------------------------------------------------------
+
+
+def _pair_problem(seed=0):
+  """An adapted (10, 6) weight, B non-zero, and a loss as a function of the
+  trainable tree and of the dense weight."""
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(0.3 * rng.standard_normal((10, 6)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((7, 10)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((7, 6)), jnp.float32)
+  spec = jlora.LoraSpec(rank=3, alpha=6, targets=["w"])
+  frozen, t = jlora.lora_transform({"w": w}, spec, key=jax.random.key(seed))
+  t = jax.tree.map(lambda a: a + 0.1 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), t)
+  loss_w = lambda w: jnp.mean((jnp.tanh(x @ w) - y) ** 2)  # noqa: E731
+  return frozen, t, (lambda t: loss_w(jlora.merge(frozen, t)["w"])), loss_w
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_lora_plus_gives_b_its_own_learning_rate(use_jit):
+  frozen, t, loss, _ = _pair_problem()
+  grads = jax.grad(loss)(t)
+  plus = optax.chain(optax.adamw(1e-2, weight_decay=0.1), jlora.lora_plus(16.0))
+  plain_a = optax.adamw(1e-2, weight_decay=0.1)
+  plain_b = optax.adamw(16.0 * 1e-2, weight_decay=0.1)     # B's rate, as PEFT's param group
+  step = lambda tx: (jax.jit(tx.update) if use_jit else tx.update)(  # noqa: E731
+      grads, tx.init(t), t)[0]["w"]
+  got, want_a, want_b = step(plus), step(plain_a), step(plain_b)
+  np.testing.assert_allclose(got.a, want_a.a, rtol=1e-6)
+  np.testing.assert_allclose(got.b, want_b.b, rtol=1e-5)
+  with pytest.raises(jlora.LoraSpecError, match="lr_ratio must be > 0"):
+    jlora.lora_plus(0.0)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_lora_fa_projects_b_onto_the_best_fit_of_the_full_gradient(use_jit):
+  """With A fixed, s * A @ g_B' is the least-squares fit of the full gradient
+  G of W by updates of B: A^T (s A g_B' - G) = 0. A's gradient is zeroed."""
+  frozen, t, loss, loss_w = _pair_problem(1)
+  grads = jax.grad(loss)(t)
+  full = jax.grad(loss_w)(jlora.merge(frozen, t)["w"])
+  tx = jlora.lora_fa()
+  proj = (jax.jit(tx.update) if use_jit else tx.update)(grads, tx.init(t), t)[0]["w"]
+  np.testing.assert_array_equal(proj.a, 0.0)
+  lp = t["w"]
+  size = float(jnp.max(jnp.abs(lp.a.T @ full)))
+  residual = lp.a.T @ (lp.scale * lp.a @ proj.b - full)
+  assert float(jnp.max(jnp.abs(residual))) < 1e-4 * size
+  # The plain LoRA gradient of B is not that fit: the projection does something.
+  plain = lp.a.T @ (lp.scale * lp.a @ grads["w"].b - full)
+  assert float(jnp.max(jnp.abs(plain))) > 1e-2 * size
+
+
+def test_lora_fa_matches_peft_lorafa_optimizer(monkeypatch):
+  """Three steps of PEFT's LoraFAOptimizer and of
+  chain(lora_fa, adam, freeze_a) from the same weights and data (PEFT's
+  projection in float32: on a CPU with bf16 it would run under bf16 autocast)."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from peft.optimizers import create_lorafa_optimizer, lorafa
+  monkeypatch.setattr(lorafa, "is_bf16_available", lambda: False)
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  base = torch.nn.Sequential(torch.nn.Linear(10, 6, bias=False))
+  model = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"]))
+  layer = model.base_model.model[0]
+  with torch.no_grad():
+    layer.lora_B["default"].weight.copy_(torch.from_numpy(
+        0.1 * rng.standard_normal((6, 3)).astype(np.float32)))
+  x = rng.standard_normal((7, 10)).astype(np.float32)
+  y = rng.standard_normal((7, 6)).astype(np.float32)
+  w0 = layer.base_layer.weight.detach().numpy().T.copy()                 # (in, out)
+  a0 = layer.lora_A["default"].weight.detach().numpy().T.copy()           # (in, r)
+  b0 = layer.lora_B["default"].weight.detach().numpy().T.copy()           # (r, out)
+  opt = create_lorafa_optimizer(model, r=3, lora_alpha=6, lr=1e-2)
+  for _ in range(3):
+    out = model(torch.from_numpy(x))
+    torch.mean((torch.tanh(out) - torch.from_numpy(y)) ** 2).backward()
+    opt.step()
+    opt.zero_grad()
+  peft_a = layer.lora_A["default"].weight.detach().numpy().T
+  peft_b = layer.lora_B["default"].weight.detach().numpy().T
+
+  lay = jlora.Layout((0,), (1,))
+  t = {"w": jlora.LoraParam(jnp.asarray(a0), jnp.asarray(b0), 2.0, lay)}
+  frozen = {"w": jnp.asarray(w0)}
+  loss = lambda t: jnp.mean((jnp.tanh(x @ jlora.merge(frozen, t)["w"]) - y) ** 2)  # noqa: E731
+  tx = optax.chain(jlora.lora_fa(), optax.adam(1e-2, eps=1e-6), jlora.freeze_a())
+  state = tx.init(t)
+  for _ in range(3):
+    updates, state = tx.update(jax.grad(loss)(t), state, t)
+    t = optax.apply_updates(t, updates)
+  np.testing.assert_array_equal(t["w"].a, a0)
+  np.testing.assert_allclose(peft_a, a0)
+  np.testing.assert_allclose(t["w"].b, peft_b, rtol=2e-3, atol=2e-5)
+  assert np.max(np.abs(peft_b - b0)) > 1e-3          # B moved

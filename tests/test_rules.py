@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 from jax import lax
 
@@ -238,45 +239,45 @@ def test_custom_derivative_rule_is_honoured(jit, custom):
 # -- materialisation, layouts, dropout -------------------------------------------------
 
 
+_EMBEDDING_USES = {
+    # nn.Embed's lookup (jnp.take), indexing, and a lookup of the transposed table.
+    "take": lambda p, t: jnp.take(p["embed"]["embedding"], t, axis=0),
+    "index": lambda p, t: p["embed"]["embedding"][t],
+    "transposed": lambda p, t: p["embed"]["embedding"].T[:, t],
+    # One (vocab, d) table as the lookup and, transposed, as the output head.
+    "tied": lambda p, t: jnp.tanh(p["embed"]["embedding"][t]) @ p["embed"]["embedding"].T,
+}
+
+
 @JIT
-def test_embedding_gather_materializes_once_with_a_warning(jit):
+@pytest.mark.parametrize("use", list(_EMBEDDING_USES))
+def test_embedding_lookup_stays_low_rank(jit, use):
+  """Rows of A (or columns of B) times the other factor, as PEFT's embedding
+  LoRA: no dense V x D delta, forward or backward."""
   (emb,) = weights((20, 8))
-  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])
+  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])     # 6 tokens: no activation is (20, 8)
   params = {"embed": {"embedding": emb}}
-  fn = lambda p, t: p["embed"]["embedding"][t]
-  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["embedding"]))
-  apply = maybe_jit(jlora.lora(fn), jit)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    got = apply(frozen, trainable, tokens)
-  ours = [w for w in caught if issubclass(w.category, jlora.LoraMaterializeWarning)]
-  assert len(ours) == 1, [str(w.message) for w in caught]
-  message = str(ours[0].message)
-  assert "embed/embedding" in message and "gather" in message, message
-  assert_close_forward(got, fn(jlora.merge(frozen, trainable), tokens))
-  assert_merge_matters(fn, frozen, trainable, (tokens,), params)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", jlora.LoraMaterializeWarning)
-    check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
-
-
-@JIT_ONLY
-def test_tied_embedding(jit):
-  """One (vocab, d) matrix used by a gather and, transposed, as the output head."""
-  (emb,) = weights((20, 8))
-  tokens = jnp.array([[1, 5, 19], [0, 5, 7]])
-  fn = lambda p, t: jnp.tanh(p["embed"][t]) @ p["embed"].T
-  layouts = jlora.infer_layouts(fn, {"embed": emb}, tokens)
-  assert layouts["embed"] == jlora.Layout((1,), (0,))        # as the head uses it
-  frozen, trainable = adapt({"embed": emb}, jlora.LoraSpec(rank=2, alpha=4, targets=["embed"]),
+  fn = _EMBEDDING_USES[use]
+  layouts = jlora.infer_layouts(fn, params, tokens)
+  if use == "tied":
+    assert layouts["embed/embedding"] == jlora.Layout((1,), (0,))     # as the head uses it
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["embedding"]),
                             layouts=layouts)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
+  assert_merge_matters(fn, frozen, trainable, (tokens,), params)
+  with NoMaterialize():
     check_against_merged(fn, frozen, trainable, (tokens,), jit=jit)
-  # The gather materialises (forward and gradient traces); the head dot does not.
-  messages = {str(w.message) for w in caught
-              if issubclass(w.category, jlora.LoraMaterializeWarning)}
-  assert messages and all("'gather'" in m for m in messages), messages
+    if jit:
+      hlo = lora_step_hlo(fn, frozen, trainable, (tokens,))
+      assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+def test_a_gather_that_is_not_a_lookup_still_materializes_with_a_warning():
+  (w,) = weights((20, 8))
+  fn = lambda p, i: p["w"][i, 2:5]       # a partial slice of each row  # noqa: E731
+  frozen, trainable = adapt({"w": w}, jlora.LoraSpec(rank=2, alpha=4, targets=["w"]))
+  with pytest.warns(jlora.LoraMaterializeWarning, match="'w' is used by 'gather'"):
+    got = jlora.lora(fn)(frozen, trainable, jnp.array([3, 7]))
+  assert_close_forward(got, fn(jlora.merge(frozen, trainable), jnp.array([3, 7])))
 
 
 @JIT_ONLY
@@ -494,3 +495,117 @@ def test_named_scopes_reach_the_lowered_program():
   locs = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", text, re.MULTILINE))
   dots = [locs[m] for m in re.findall(r"stablehlo\.dot_general.*loc\((#loc\d+)\)", text)]
   assert sum("attention_block/dot_general" in d for d in dots) == 3, dots
+
+
+# -- convolutions and ragged dots --------------------------------------------------------
+
+
+class _CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), name="c1")(x))
+    x = nn.Conv(5, (3, 3), strides=2, padding="VALID", kernel_dilation=2, name="c2")(x)
+    x = nn.Conv(3, (2,), name="c3")(x.reshape(x.shape[0], -1, x.shape[-1]))   # a 1-D one
+    return x.mean(1)
+
+
+@JIT
+def test_convolutions_stay_low_rank(jit):
+  """A as a convolution into r channels, B as a 1x1 one (PEFT's Conv LoRA):
+  neither the dense delta nor a kernel gradient is formed."""
+  model = _CNN()
+  x = normal((2, 11, 11, 4), seed=3)
+  params = jax.jit(model.init)(jax.random.key(0), x)
+  layouts = jlora.infer_layouts(model.apply, params, x)
+  assert layouts["params/c1/kernel"] == jlora.Layout((0, 1, 2), (3,))      # window, in -> out
+  assert layouts["params/c3/kernel"] == jlora.Layout((0, 1), (2,))
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=r".*kernel"),
+                            layouts=layouts)
+  assert trainable["params"]["c1"]["kernel"].a.shape == (3, 3, 4, 2)     # a conv kernel into r
+  assert_merge_matters(model.apply, frozen, trainable, (x,), params)
+  with NoMaterialize():
+    check_against_merged(model.apply, frozen, trainable, (x,), jit=jit)
+    if jit:
+      hlo = lora_step_hlo(model.apply, frozen, trainable, (x,))
+      assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+@JIT
+def test_ragged_dot_experts_stay_low_rank(jit):
+  """One pair per expert, through the same ragged dot (how JAX MoE layers group
+  tokens by expert)."""
+  fn = lambda p, x, sizes: jnp.tanh(lax.ragged_dot(x, p["experts"], sizes)) @ p["out"]  # noqa
+  params = {"experts": normal((3, 8, 10), 0.3), "out": normal((10, 4), 0.3, seed=1)}
+  x, sizes = normal((6, 8), seed=2), jnp.array([2, 3, 1], jnp.int32)
+  layouts = jlora.infer_layouts(fn, params, x, sizes)
+  assert layouts["experts"] == jlora.Layout((1,), (2,), (0,))
+  frozen, trainable = adapt(params, jlora.LoraSpec(rank=2, alpha=4, targets=["experts"]),
+                            layouts=layouts)
+  assert_merge_matters(fn, frozen, trainable, (x, sizes), params)
+  with NoMaterialize():
+    check_against_merged(fn, frozen, trainable, (x, sizes), jit=jit)
+    if jit:
+      hlo = lora_step_hlo(fn, frozen, trainable, (x, sizes))
+      assert weight_shaped_dots(hlo, frozen, trainable) == []
+
+
+# -- shard_map ------------------------------------------------------------------------------
+
+_SHARD_MAP_SCRIPT = r'''
+import json, os, re, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+import jlora
+from hlo import dot_result_shapes
+warnings.simplefilter("error", jlora.LoraMaterializeWarning)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("d", "m"))
+
+def fn(p, x):   # a tensor-parallel MLP written by hand
+  def local(w1, w2, x):
+    return jax.lax.psum(jnp.tanh(x @ w1) @ w2, "m")
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, "m"), P("m", None), P("d", None)),
+                       out_specs=P("d", None))(p["w1"], p["w2"], x)
+
+rng = np.random.default_rng(0)
+params = {"w1": jnp.asarray(0.3 * rng.standard_normal((8, 12)), jnp.float32),
+          "w2": jnp.asarray(0.3 * rng.standard_normal((12, 8)), jnp.float32)}
+x = jnp.asarray(rng.standard_normal((10, 8)), jnp.float32)
+frozen, t = jlora.lora_transform(params, jlora.LoraSpec(rank=2, alpha=4, targets=["w1", "w2"]),
+                                 key=jax.random.key(0))
+t = jax.tree.map(lambda a: a + 0.2 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), t)
+loss = lambda y: jnp.sum(jnp.sin(y))
+got = jax.jit(jlora.lora(fn))(frozen, t, x)
+want = fn(jlora.merge(frozen, t), x)
+grad = jax.jit(jax.grad(lambda t: loss(jlora.lora(fn)(frozen, t, x))))
+g, gw = grad(t), jax.jit(jax.grad(lambda t: loss(fn(jlora.merge(frozen, t), x))))(t)
+hlo = grad.lower(t).compile().as_text()
+print(json.dumps({
+    "fwd": float(jnp.abs(got - want).max()),
+    "effect": float(jnp.abs(want - fn(params, x)).max()),
+    "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gw))),
+    "layouts": {k: repr(v) for k, v in jlora.infer_layouts(fn, params, x).items()},
+    "dots": [list(s) for s in dot_result_shapes(hlo)],
+}))
+'''
+
+
+def test_shard_map_slices_the_factors_like_w0():
+  """A weight passed into a shard_map body stays low-rank: each shard gets W0's
+  slice and the factors sliced along the weight axes they hold (4 devices)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(jlora.__file__)), os.environ.get("PYTHONPATH", "")]))
+  done = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT, os.path.dirname(__file__)],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  res = json.loads(done.stdout.strip().splitlines()[-1])
+  assert res["effect"] > 1e-2 and res["fwd"] < 1e-5 and res["grad"] < 1e-4, res
+  assert res["layouts"]["w1"] == "Layout(in_axes=(0,), out_axes=(1,), stack_axes=())"
+  # No dot forms a shard of W0 + s B A or of dW0: (8, 6) and (6, 8) per shard.
+  local = {(8, 6), (6, 8), (8, 12), (12, 8)}
+  assert res["dots"] and not [s for s in res["dots"] if tuple(s) in local], res["dots"]

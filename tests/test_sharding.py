@@ -5,6 +5,7 @@ sharded run happens in a fresh interpreter (this file run as a script) and the
 tests assert on the JSON it prints.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -425,6 +426,31 @@ def test_shardings_of_extra_leaves_and_wrapped_optimizers():
   # Without base, the factors' own shardings (lora_transform derived them).
   assert jlora.shardings(trainable).trainable["w"] == sh.trainable["w"]
   assert jlora.shardings(trainable).opt_state is None
+
+
+def test_shardings_of_dora_and_masked_optimizers():
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  import jlora
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("model",))
+  w = jax.device_put(jnp.ones((3, 8, 4)), NamedSharding(mesh, P(None, None, "model")))
+  spec = jlora.LoraSpec(rank=2, targets=["w"], use_dora=True,
+                        layouts={"w": jlora.Layout((1,), (2,), (0,))})
+  frozen, trainable = jlora.lora_transform({"w": w}, spec, key=jax.random.key(0))
+  # Adam on the B factors only (a masked transformation), plus LoRA+.
+  mask = jax.tree_util.tree_map(lambda _: False, trainable)
+  mask = {"w": dataclasses.replace(mask["w"], b=True)}
+  tx = jlora.optimizer(optax.chain(optax.masked(optax.adam(1e-3), mask), jlora.lora_plus(4.0)),
+                       trainable)
+  sh = jlora.shardings(trainable, tx, base=frozen)
+  got = sh.trainable["w"]
+  assert str(got.a.spec) == "P(None, None, None)" and str(got.b.spec) == "P(None, None, 'model')"
+  assert str(got.magnitude.spec) == "P(None, 'model')"     # W0's stack and output axes
+  inner = sh.opt_state[0].inner_state[0]
+  assert inner.mu["w"].b == got.b and str(inner.count.spec) == "P()"
 
 
 def test_shardings_errors():

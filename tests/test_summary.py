@@ -141,3 +141,90 @@ def test_all_linear_7b_with_inferred_layouts_on_an_abstract_linen_model():
   assert s.base_params == v * d + seq * d + L * per_layer + 2 * d + d * v + v
   assert s.frozen_bytes == 4 * s.base_params      # param_dtype stays float32
   assert "trainable params: " + f"{s.lora_params:,}" in str(s)
+
+
+# -- the memory table (full fine-tuning, LoRA, QLoRA) ----------------------------------------
+
+
+def _nf4_bytes(n):
+  """Bytes of one NF4 slice of n values: codes, absmax codes, nested scales, offset."""
+  nb = -(-n // 64)
+  return -(-n // 2) + nb + 4 * -(-nb // 256) + 4
+
+
+def test_memory_table_for_a_small_model():
+  spec = jlora.LoraSpec(rank=4, targets=["kernel"])
+  s = jlora.summary(_mlp_abstract(), spec, batch=2, seq_len=3, device_memory=2 ** 20)
+  m = s.memory
+  lora = 4 * (16 + 32) + 4 * (32 + 32) + 4 * (32 + 8)
+  quantized = _nf4_bytes(16 * 32) + _nf4_bytes(32 * 32) + _nf4_bytes(32 * 8)
+  acts = 2 * 3 * 4 * ((16 + 32) + (32 + 32) + (32 + 8))   # tokens x (in + out) x f32
+  assert m.rows["full"] == {"weights": 4 * BASE, "adapters": 0, "gradients": 4 * BASE,
+                            "optimizer state": 8 * BASE, "activations": acts}
+  assert m.rows["lora"] == {"weights": 4 * BASE, "adapters": 4 * lora, "gradients": 4 * lora,
+                            "optimizer state": 8 * lora, "activations": acts}
+  assert m.rows["qlora"] == dict(m.rows["lora"], weights=quantized + 4 * (32 + 32 + 8))
+  assert m.total("qlora") == quantized + 4 * 72 + 4 * lora * 2 + 8 * lora + acts
+  assert m.headroom("qlora") == 2 ** 20 - m.total("qlora") and m.fits("full")
+  assert m.activation_bytes_per_token == acts // 6
+  assert m.tokens_that_fit("lora") == (2 ** 20 - m.total("lora") + acts) // (acts // 6)
+  lines = str(m).splitlines()
+  assert lines[0].split() == ["memory", "(KiB)", "full", "FT", "LoRA", "QLoRA"]
+  assert [line.split()[0] for line in lines[1:]] == [
+      "weights", "adapters", "gradients", "optimizer", "activations", "total", "room"]
+  assert "activations (6 tokens)" in lines[5] and lines[-1].startswith("room on 1 MiB")
+  # The summary of the quantized params counts their bytes as frozen bytes.
+  q = jlora.summary(jlora.quantize(_mlp_abstract()), spec)
+  assert q.frozen_bytes == quantized + 4 * 72 and q.base_params == BASE
+  assert q.memory.rows == dict(m.rows, **{k: dict(v, activations=0) for k, v in m.rows.items()})
+
+
+def _llama2_70b_abstract(dtype=jnp.bfloat16):
+  """Llama-2-70B's parameters (grouped-query attention: 8 key/value heads),
+  layers stacked on axis 0, as ShapeDtypeStructs."""
+  L, d, f, v, kv = 80, 8192, 28672, 32000, 1024
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  layers = {"q_proj": {"kernel": sds(L, d, d)}, "k_proj": {"kernel": sds(L, d, kv)},
+            "v_proj": {"kernel": sds(L, d, kv)}, "o_proj": {"kernel": sds(L, d, d)},
+            "gate_proj": {"kernel": sds(L, d, f)}, "up_proj": {"kernel": sds(L, d, f)},
+            "down_proj": {"kernel": sds(L, f, d)},
+            "input_layernorm": {"scale": sds(L, d)},
+            "post_attention_layernorm": {"scale": sds(L, d)}}
+  return {"params": {"embed_tokens": {"embedding": sds(v, d)}, "layers": layers,
+                     "norm": {"scale": sds(d)}, "lm_head": {"kernel": sds(d, v)}}}
+
+
+def test_llama2_70b_qlora_fits_a_48gb_gpu():
+  """QLoRA's claim, on Llama-2-70B's shapes (abstract, nothing allocated):
+  the NF4 base with LoRA r=16 on every projection (float32 factors, Adam),
+  fits a 48 GiB GPU with room left for activations; LoRA on the bf16 base
+  does not."""
+  params = _llama2_70b_abstract()
+  spec = jlora.LoraSpec(rank=16, alpha=32, targets=r".*_proj/kernel",
+                        layouts={r".*layers/.*/kernel": jlora.Layout((1,), (2,), (0,))})
+  gib = 2 ** 30
+  s = jlora.summary(params, spec, device_memory=48 * gib)
+  m = s.memory
+  assert s.base_params == 68_976_648_192
+  L, d, f, v, kv = 80, 8192, 28672, 32000, 1024
+  per_layer = [d * d, d * kv, d * kv, d * d, d * f, d * f, f * d]
+  quantized = L * sum(_nf4_bytes(n) for n in per_layer) + _nf4_bytes(d * v)
+  others = 2 * (v * d + 2 * L * d + d)                      # embedding, norms: bf16
+  assert m.rows["qlora"]["weights"] == quantized + others
+  assert m.rows["lora"]["weights"] == 2 * s.base_params
+  lora = L * 16 * (2 * (d + d) + 2 * (d + kv) + 3 * (d + f))
+  assert s.lora_params == lora
+  assert m.rows["qlora"]["adapters"] == m.rows["qlora"]["gradients"] == 4 * lora
+  assert m.rows["qlora"]["optimizer state"] == 8 * lora
+  # 0.5159 bytes per quantized parameter: 4.127 bits.
+  assert quantized * 8 / (L * sum(per_layer) + d * v) == pytest.approx(4.127, abs=1e-3)
+  assert m.fits("qlora") and not m.fits("lora") and not m.fits("full")
+  room = m.headroom("qlora")
+  assert 11 * gib < room < 12 * gib        # ~11.4 GiB left for activations
+  # Activations, estimated without rematerialization: about 24.8 MiB per token.
+  assert m.activation_bytes_per_token == 2 * (L * sum(
+      a + b for a, b in [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]) + d + v)
+  assert 400 < m.tokens_that_fit("qlora") < 500
+  text = str(m)
+  assert text.splitlines()[0].split()[:2] == ["memory", "(GiB)"]
+  assert "room on 48 GiB" in text

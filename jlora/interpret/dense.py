@@ -71,6 +71,9 @@ class DenseWeight(values.BaseWeight):
   def stacked_on_axis0(self) -> "DenseWeight":
     return self
 
+  def shard_specs(self, spec: Any) -> "DenseWeight":
+    return DenseWeight(spec)
+
 
 values.register_base(jax.Array, DenseWeight)
 values.register_base(np.ndarray, DenseWeight)

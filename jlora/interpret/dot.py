@@ -17,7 +17,7 @@ Every adapted matmul is computed in one of two shapes:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,12 +100,14 @@ class Dot:
 class FlatPlan:
   """``(M, K) @ (K, N)``: x's free axes flattened to M (``m_shape``), W's
   contracted axes to K in the order ``k_axes`` (paired with x's), W's free
-  axes to N in the order ``n_axes`` (``dot_general``'s order)."""
+  axes to N in the order ``n_axes`` (``dot_general``'s order); ``w0`` is the
+  frozen weight as that (K, N) matrix (for terms that need it, as DoRA's norm)."""
 
   dot: Dot
   m_shape: tuple[int, ...]
   k_axes: tuple[int, ...]
   n_axes: tuple[int, ...]
+  w0: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,64 @@ class LabelledPlan:
   x_labels: tuple[str, ...]
   w_labels: tuple[str, ...]
   out_labels: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Take:
+  """A ``gather`` that takes whole slices of a 2-D weight along one axis, as
+  an embedding lookup does (``W[tokens]``, or ``W.T[:, tokens]``).
+
+  Attributes:
+    axis: the weight axis the indices pick from.
+    offset_dim: where the other axis goes in the result.
+    mode, fill_value: the gather's handling of out-of-range indices.
+  """
+
+  axis: int
+  offset_dim: int
+  mode: Any
+  fill_value: Any
+
+  def rows(self, factor: jax.Array, axis: int, indices: jax.Array) -> jax.Array:
+    """The same gather on a 2-D ``factor`` along its ``axis``:
+    ``(*indices.shape[:-1], other axis)``."""
+    dims = lax.GatherDimensionNumbers(offset_dims=(indices.ndim - 1,),
+                                      collapsed_slice_dims=(axis,), start_index_map=(axis,))
+    sizes = tuple(1 if i == axis else d for i, d in enumerate(factor.shape))
+    return lax.gather(factor, indices, dims, sizes, mode=self.mode, fill_value=self.fill_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """A convolution of an input with the adapted kernel.
+
+  Attributes:
+    rhs_spec: the kernel's (out feature, in feature, *spatial) axes.
+    out_feature: the result's feature axis.
+    grouped: a feature or batch group count other than 1.
+    apply: the model's convolution on other operands (the same strides,
+      padding, dilations, precision), ``apply(x, kernel)``.
+  """
+
+  rhs_spec: tuple[int, ...]
+  out_feature: int
+  grouped: bool
+  apply: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedDot:
+  """``jax.lax.ragged_dot(x, W, group_sizes)``: rows of x grouped, W one
+  (K, N) matrix per group, as mixture-of-experts layers compute.
+
+  Attributes:
+    standard: x (M, K) ragged on axis 0, W (G, K, N) with the group axis 0.
+    apply: the model's ragged dot on other operands (same group sizes),
+      ``apply(x, w)``.
+  """
+
+  standard: bool
+  apply: Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def flat_plan(dot: Dot, x_shape: Sequence[int]) -> FlatPlan:

@@ -130,6 +130,17 @@ def reshape_pair(a: Any, b: Any, layout: Layout, inner: int, shape: Sequence[int
   return axes_lib.reshape(a, a_shape), axes_lib.reshape(b, b_shape), new
 
 
+def pair_specs(layout: Layout, inner: int, spec: Any) -> tuple[Any, Any]:
+  """``PartitionSpec``s of the factors when the weight is sliced by ``spec``:
+  each factor axis as its weight axis, the inner and rank axes whole."""
+  from jax.sharding import PartitionSpec
+  entries = tuple(spec) + (None,) * (layout.ndim - len(tuple(spec)))
+  stack = tuple(entries[i] for i in layout.stack_axes)
+  a = stack + (None,) * inner + tuple(entries[i] for i in layout.in_axes) + (None,)
+  b = stack + (None,) * inner + (None,) + tuple(entries[i] for i in layout.out_axes)
+  return PartitionSpec(*a), PartitionSpec(*b)
+
+
 def unstack_layout(layout: Layout) -> Layout | None:
   """The layout of one slice along weight axis 0; None unless axis 0 is the
   first stack axis (so it leads both factors)."""

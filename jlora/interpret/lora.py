@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat, transform
+from jlora._paths import is_weight_node
 from jlora.bank import LoraBank
 from jlora.errors import LoraSpecError, LoraTreeError
 from jlora.interpret.bank_term import STRATEGIES
 from jlora.interpret import interpreter, tracing
-from jlora.interpret.values import AdaptedValue
+from jlora.interpret.values import AdaptedValue, as_base
 
 
 def lora(fn: Callable[..., Any], *, bank_dot: str = "auto") -> Callable[..., Any]:
@@ -25,6 +26,12 @@ def lora(fn: Callable[..., Any], *, bank_dot: str = "auto") -> Callable[..., Any
   matmul against an adapted weight becomes ``x W0 + s (x A) B``. It composes
   with ``jax.jit``, ``jax.grad``, ``jax.vmap`` and ``jax.value_and_grad``,
   and gradients never flow to W0.
+
+  Frozen weights may be stored quantized (``jlora.NF4Array`` leaves from
+  ``jlora.quantize``, adapted or not): each is dequantized to the dtype the
+  model uses it in, where it is used, inside the traced step, and recomputed
+  from the packed arrays in the backward pass, so no dequantized copy of the
+  model is ever held.
 
   ``fn`` is traced once per combination of parameter structure, argument
   shapes and static arguments, and the trace is reused, so an eager loop
@@ -61,14 +68,20 @@ def lora(fn: Callable[..., Any], *, bank_dot: str = "auto") -> Callable[..., Any
 
   @functools.wraps(fn)
   def apply(frozen, trainable, *args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
-    leaves, treedef, adapters = transform.assemble(frozen, trainable)
+    leaves, treedef, adapters, paths = transform.assemble_with_paths(frozen, trainable)
     ids = _adapter_ids(lora_adapter_ids, [a for _, a in adapters.values()])
-    traced = traces(leaves, treedef, args, kwargs)
+    # A weight stored another way (an NF4Array) is traced as the dense weight
+    # it stands for, and enters the interpreter as a value with no adapter.
+    stand_ins = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_weight_node(leaf) else leaf
+                 for leaf in leaves]
+    traced = traces(stand_ins, treedef, args, kwargs)
     invals = []
     for i in traced.present:
       if i in adapters:
         path, adapter = adapters[i]
         invals.append(AdaptedValue.of(path, leaves[i], [adapter]))
+      elif is_weight_node(leaves[i]):
+        invals.append(AdaptedValue(as_base(leaves[i]), (), paths[i]))
       else:
         invals.append(leaves[i])
     ctx = interpreter.Context(dropout_key=lora_dropout_key, adapter_ids=ids, bank_dot=bank_dot)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib
@@ -74,6 +75,45 @@ class LoraTerm(values.AdapterTerm):
     low = low * jnp.asarray(self.scale, low.dtype)
     return y + low.astype(y.dtype)
 
+  def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
+               ) -> jax.Array | None:
+    # Rows of the factor that holds the indexed axis, times the other factor:
+    # the slices of s B A without forming it (PEFT's embedding LoRA).
+    if self.layout.ndim != 2 or self.layout.stack_axes:
+      return None
+    if take.axis in self.layout.in_axes:        # A (V, r): its rows, then @ B (r, D)
+      low = take.rows(self.a, 0, indices) @ self.b
+    else:                                       # B (r, V): its columns, then @ A^T
+      low = take.rows(self.b, 1, indices) @ self.a.T
+    low = jnp.moveaxis(low * jnp.asarray(self.scale, low.dtype), -1, take.offset_dim)
+    return y + low.astype(y.dtype)
+
+  def add_conv(self, ctx: Any, y: jax.Array, x: jax.Array, conv: dot_lib.Conv
+               ) -> jax.Array | None:
+    # PEFT's Conv LoRA: A as a convolution with the kernel's window into r
+    # channels, then B as a 1x1 convolution (a matmul over channels).
+    lay = self.layout
+    out_ch, in_ch, *spatial = conv.rhs_spec
+    if (conv.grouped or lay.stack_axes or lay.out_axes != (out_ch,)
+        or set(lay.in_axes) != {in_ch, *spatial}):
+      return None
+    n_in = len(lay.in_axes)
+    kernel = axes_lib.transpose(self.a, [n_in if p == out_ch else lay.in_axes.index(p)
+                                         for p in range(lay.ndim)])
+    z = conv.apply(ctx.lora_dropout(x, self.dropout).astype(self.a.dtype), kernel)
+    low = lax.dot_general(z, self.b, (((conv.out_feature,), (0,)), ((), ())))
+    low = jnp.moveaxis(low, -1, conv.out_feature) * jnp.asarray(self.scale, low.dtype)
+    return y + low.astype(y.dtype)
+
+  def add_ragged(self, ctx: Any, y: jax.Array, x: jax.Array, ragged: dot_lib.RaggedDot
+                 ) -> jax.Array | None:
+    # One pair per group (expert): the same ragged dot with A, then with B.
+    if not ragged.standard or self.layout != Layout((1,), (2,), (0,)):
+      return None
+    xa = ragged.apply(ctx.lora_dropout(x, self.dropout).astype(self.a.dtype), self.a)
+    low = ragged.apply(xa, self.b) * jnp.asarray(self.scale, xa.dtype)
+    return y + low.astype(y.dtype)
+
   def merge_into(self, w: jax.Array) -> jax.Array:
     return w + lowrank_product(self.a, self.b, self.scale, self.layout, w.dtype)
 
@@ -98,6 +138,10 @@ class LoraTerm(values.AdapterTerm):
   def scan_over_axis0(self) -> "LoraTerm | None":
     layout = factors.unstack_layout(self.layout)
     return None if layout is None else dataclasses.replace(self, layout=layout)
+
+  def shard_specs(self, spec: Any) -> "LoraTerm":
+    a, b = factors.pair_specs(self.layout, 0, spec)
+    return dataclasses.replace(self, a=a, b=b)
 
   def stacked_on_axis0(self) -> "LoraTerm":
     return dataclasses.replace(self, layout=factors.stack_layout(self.layout))

@@ -72,6 +72,26 @@ class ProbeTerm(values.AdapterTerm):
                    plan: dot_lib.LabelledPlan) -> jax.Array:
     return y
 
+  def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
+               ) -> jax.Array:
+    return y
+
+  def add_conv(self, ctx: Any, y: jax.Array, x: jax.Array, conv: dot_lib.Conv) -> jax.Array:
+    out_ch, in_ch, *spatial = conv.rhs_spec
+    where = "a convolution"
+    self.recorder.record(self.path, [self.axes[i] for i in (in_ch, *spatial)], "in", where)
+    self.recorder.record(self.path, [self.axes[out_ch]], "out", where)
+    return y
+
+  def add_ragged(self, ctx: Any, y: jax.Array, x: jax.Array, ragged: dot_lib.RaggedDot
+                 ) -> jax.Array:
+    if ragged.standard and len(self.axes) == 3:
+      where = "a ragged dot (one matrix per group)"
+      self.recorder.record(self.path, [self.axes[0]], "stack", where)
+      self.recorder.record(self.path, [self.axes[1]], "in", where)
+      self.recorder.record(self.path, [self.axes[2]], "out", where)
+    return y
+
   def merge_into(self, w: jax.Array) -> jax.Array:
     return w
 
@@ -98,6 +118,9 @@ class ProbeTerm(values.AdapterTerm):
   def scan_over_axis0(self) -> "ProbeTerm":
     self.recorder.record(self.path, [self.axes[0]], "stack", "a scan over its axis 0")
     return dataclasses.replace(self, axes=self.axes[1:])
+
+  def shard_specs(self, spec: Any) -> "ProbeTerm":
+    return self
 
   def stacked_on_axis0(self) -> "ProbeTerm":
     return dataclasses.replace(self, axes=(frozenset(),) + self.axes)

@@ -34,7 +34,7 @@ from jax import lax
 
 from jlora import _compat
 from jlora.interpret import interpreter
-from jlora.interpret.dot import Dot
+from jlora.interpret.dot import Conv, Dot, RaggedDot, Take
 from jlora.interpret.values import is_value
 
 Rule = Callable[[Any, Any, list], Any]
@@ -123,6 +123,15 @@ def _sharding_constraint(ctx, eqn, invals):
   return _lazy(ctx, eqn, invals, lambda v: v.constrain(lambda w: _compat.rebind(eqn, [w])))
 
 
+@register(_compat.PVARY)
+def _pvary(ctx, eqn, invals):
+  # Marks an array as varying over a shard_map's axes, values unchanged: W0's
+  # and the factors' arrays alike (theirs vary over no axis W0's does not).
+  del ctx
+  (value,) = invals
+  return jax.tree_util.tree_map(lambda leaf: _compat.rebind(eqn, [leaf]), value)
+
+
 @register(_compat.OPTIMIZATION_BARRIER)
 def _optimization_barrier(ctx, eqn, invals):
   # The barrier holds every array it is given: a value's arrays included.
@@ -182,6 +191,66 @@ def _dynamic_slice(ctx, eqn, invals):
     return lax.dynamic_slice(arr, s, z)
 
   return _lazy(ctx, eqn, invals, lambda v: v.slice_axes(slicer))
+
+
+@register(_compat.GATHER)
+def _gather(ctx, eqn, invals):
+  # An embedding lookup of an adapted table: rows of W0, plus rows of the
+  # factor that holds the indexed axis times the other factor.
+  operand, indices = invals
+  take = _whole_slices(eqn) if is_value(operand) and not is_value(indices) else None
+  out = None
+  if take is not None:
+    out = operand.take(ctx, indices, take, lambda w: _compat.rebind(eqn, [w, indices]))
+  return materialize(ctx, eqn, invals) if out is None else out
+
+
+def _whole_slices(eqn):
+  """The Take of a gather of whole slices of a 2-D operand along one axis;
+  None for any other gather."""
+  p = _compat.eqn_params(eqn)
+  operand, indices = _compat.in_avals(eqn)
+  dims = p["dimension_numbers"]
+  if (len(operand.shape) != 2 or indices.shape[-1:] != (1,) or len(dims.start_index_map) != 1
+      or tuple(dims.collapsed_slice_dims) != tuple(dims.start_index_map)
+      or dims.operand_batching_dims or len(dims.offset_dims) != 1):
+    return None
+  axis = dims.start_index_map[0]
+  if tuple(p["slice_sizes"]) != tuple(1 if i == axis else d for i, d in enumerate(operand.shape)):
+    return None
+  return Take(axis, dims.offset_dims[0], p["mode"], p["fill_value"])
+
+
+@register(_compat.CONV)
+def _conv(ctx, eqn, invals):
+  x, kernel = invals
+  out = None
+  if is_value(kernel) and not is_value(x):
+    p = _compat.eqn_params(eqn)
+    dims = p["dimension_numbers"]
+    conv = Conv(tuple(dims.rhs_spec), dims.out_spec[1],
+                p["feature_group_count"] != 1 or p["batch_group_count"] != 1,
+                lambda lhs, rhs: _compat.rebind(eqn, [lhs, rhs]))
+    out = kernel.conv(ctx, x, conv)
+  return materialize(ctx, eqn, invals) if out is None else out
+
+
+@register(_compat.RAGGED_DOT)
+def _ragged_dot(ctx, eqn, invals):
+  x, w, *rest = invals
+  out = None
+  if is_value(w) and not is_value(x) and not any(map(is_value, rest)):
+    p = _compat.eqn_params(eqn)
+    dims = p["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dims.dot_dimension_numbers
+    x_aval = _compat.in_avals(eqn)[0]
+    standard = (len(x_aval.shape) == 2 and w.ndim == 3 and tuple(lc) == (1,)
+                and tuple(rc) == (1,) and not lb and not rb
+                and tuple(dims.lhs_ragged_dimensions) == (0,)
+                and tuple(dims.rhs_group_dimensions) == (0,))
+    ragged = RaggedDot(standard, lambda lhs, rhs: _compat.rebind(eqn, [lhs, rhs, *rest]))
+    out = w.ragged_dot(ctx, x, ragged)
+  return materialize(ctx, eqn, invals) if out is None else out
 
 
 @register(_compat.SPLIT)
@@ -306,6 +375,28 @@ def _cond(ctx, eqn, invals):
                    for s in shapes}) == 1
           for i in range(n_out)]
   return list(lax.switch(index, [run(b, keep, ctx) for b in branches], *ops))
+
+
+@register(_compat.SHARD_MAP)
+def _shard_map(ctx, eqn, invals):
+  # Each adapted weight enters as its arrays, the factors sliced along the
+  # weight axes they hold by W0's spec: no dense per-shard delta.
+  p = _compat.eqn_params(eqn)
+  specs = []
+  for value, spec in zip(invals, p["in_specs"]):
+    if is_value(value):
+      spec = value.shard_specs(spec)
+      if spec is None:
+        return materialize(ctx, eqn, invals)
+    specs.append(spec)
+
+  def body(*args):
+    outs = interpreter.eval_jaxpr(p["jaxpr"], args, ctx)
+    return tuple(interpreter.dense_all(outs, "is returned by a shard_map"))
+
+  f = jax.shard_map(body, mesh=p["mesh"], in_specs=tuple(specs), out_specs=p["out_specs"],
+                    axis_names=p["newly_manual_axes"], check_vma=p["check_vma"])
+  return list(f(*invals))
 
 
 def _custom_call_parts(ctx, eqn):

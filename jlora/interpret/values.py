@@ -103,6 +103,11 @@ class BaseWeight(abc.ABC):
     """The inverse: this base's metadata for leaves that ``lax.scan`` stacked
     along a new axis 0 (a weight returned as a scan output)."""
 
+  def shard_specs(self, spec: Any) -> Any:
+    """This base with a ``PartitionSpec`` in place of each array, for a
+    ``shard_map`` that slices the weight by ``spec``; None if it cannot."""
+    return None
+
 
 class AdapterTerm(abc.ABC):
   """One adapter's share of W: its contribution to a dot and to a merge.
@@ -132,6 +137,29 @@ class AdapterTerm(abc.ABC):
   def add_labelled(self, ctx: Any, y: jax.Array, x: jax.Array,
                    plan: dot_lib.LabelledPlan) -> jax.Array:
     """Likewise for a dot with batch axes; ``y`` is in ``plan.out_labels``."""
+
+  def shard_specs(self, spec: Any) -> Any:
+    """This term with a ``PartitionSpec`` in place of each array, slicing it as
+    ``spec`` slices the weight (in a ``shard_map``); None if it cannot."""
+    return None
+
+  def add_take(self, ctx: Any, y: jax.Array, indices: jax.Array, take: dot_lib.Take
+                ) -> jax.Array | None:
+    """``y`` (the slices of the weight so far) plus this term's share of the
+    slices ``take`` picks; None when the term cannot (the weight is formed)."""
+    return None
+
+  def add_conv(self, ctx: Any, y: jax.Array, x: jax.Array, conv: dot_lib.Conv
+               ) -> jax.Array | None:
+    """``y`` plus this term's share of a convolution of ``x`` with the
+    kernel; None when the term cannot (the weight is formed)."""
+    return None
+
+  def add_ragged(self, ctx: Any, y: jax.Array, x: jax.Array, ragged: dot_lib.RaggedDot
+                 ) -> jax.Array | None:
+    """``y`` plus this term's share of a ragged dot of ``x`` with the weight;
+    None when the term cannot (the weight is formed)."""
+    return None
 
   @abc.abstractmethod
   def merge_into(self, w: jax.Array) -> jax.Array:
@@ -291,6 +319,16 @@ class AdaptedValue:
       return None
     return self._view(lambda b: b.scan_over_axis0(), lambda t: t.scan_over_axis0())
 
+  def shard_specs(self, spec: Any) -> "AdaptedValue | None":
+    """This value with a ``PartitionSpec`` in place of each array: W0's is
+    ``spec``, each factor's follows the weight axes it holds. None when a part
+    cannot be sliced so."""
+    base = self.base.shard_specs(spec)
+    terms = tuple(t.shard_specs(spec) for t in self.terms)
+    if base is None or any(t is None for t in terms):
+      return None
+    return AdaptedValue(base, terms, self.path)
+
   def stacked_on_axis0(self) -> "AdaptedValue":
     """This value's metadata for leaves that ``lax.scan`` stacked along a new
     axis 0: a weight a scan returns per iteration stays low-rank, each
@@ -314,6 +352,32 @@ class AdaptedValue:
     for term in self.terms:
       term.note_dense_dot(dot)
 
+  def conv(self, ctx: Any, x: jax.Array, conv: dot_lib.Conv) -> jax.Array | None:
+    """The model's convolution of ``x`` with W as the kernel, W never formed;
+    None when a term cannot."""
+    return self._each_term(conv.apply(x, self.base.materialize()),
+                           lambda term, y: term.add_conv(ctx, y, x, conv))
+
+  def ragged_dot(self, ctx: Any, x: jax.Array, ragged: dot_lib.RaggedDot) -> jax.Array | None:
+    """The model's ragged dot of ``x`` with W (one matrix per group), W never
+    formed; None when a term cannot."""
+    return self._each_term(ragged.apply(x, self.base.materialize()),
+                           lambda term, y: term.add_ragged(ctx, y, x, ragged))
+
+  def _each_term(self, y: jax.Array, add: Callable[[Any, jax.Array], Any]) -> jax.Array | None:
+    for term in self.terms:
+      y = add(term, y)
+      if y is None:
+        return None
+    return y
+
+  def take(self, ctx: Any, indices: jax.Array, take: dot_lib.Take,
+           gather: Callable[[jax.Array], jax.Array]) -> jax.Array | None:
+    """Whole slices of W (an embedding lookup): the slices of W0, by
+    ``gather``, plus each term's; None when a term cannot take them."""
+    return self._each_term(gather(self.base.materialize()),
+                           lambda term, y: term.add_take(ctx, y, indices, take))
+
   def _dot_flat(self, ctx: Any, x: jax.Array, dot: dot_lib.Dot) -> jax.Array:
     plan = dot_lib.flat_plan(dot, x.shape)
     m, k = math.prod(plan.m_shape), math.prod(x.shape[i] for i in dot.x_contract)
@@ -321,6 +385,7 @@ class AdaptedValue:
     x2 = axes_lib.reshape(axes_lib.transpose(x, dot.x_free + dot.x_contract), (m, k))
     w2 = axes_lib.transpose(self.base.materialize(), plan.k_axes + plan.n_axes)
     w2 = axes_lib.reshape(w2, (k, math.prod(n_shape)))
+    plan = dataclasses.replace(plan, w0=w2)
     pet = dot.preferred_element_type or dot.out_dtype
     y = dot_lib.matmul(x2, w2, dot.precision, pet)
     for term in self.terms:

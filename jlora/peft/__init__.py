@@ -11,7 +11,9 @@ axis become one PyTorch module per layer.
 * ``save(path, trainable, rules, ...)``: writes a folder PEFT loads;
 * ``load(path, params, rules, ...)``: reads one into jlora factors (an
   ``Adapter``);
-* ``describe(path)``: what a folder holds, as a dict (``jlora inspect``).
+* ``describe(path)``: what a folder holds, as a dict (``jlora inspect``);
+* ``save_bank`` / ``load_bank`` / ``describe_bank``: several adapters in
+  PEFT's multi-adapter layout (a subfolder per adapter), as a bank.
 
 The modules: ``names`` (file names and keys), ``rules`` (``Rules``), ``config``
 (what jlora refuses, PEFT's matching), ``axes`` (factor axes to and from
@@ -29,9 +31,11 @@ Example:
   2
 """
 
+from jlora.peft.bank import Bank, describe_bank, is_bank, load_bank, save_bank
 from jlora.peft.describe import describe, is_adapter
 from jlora.peft.export import save
 from jlora.peft.load import Adapter, load
 from jlora.peft.rules import Rules
 
-__all__ = ["Adapter", "Rules", "describe", "is_adapter", "load", "save"]
+__all__ = ["Adapter", "Bank", "Rules", "describe", "describe_bank", "is_adapter", "is_bank",
+           "load", "load_bank", "save", "save_bank"]

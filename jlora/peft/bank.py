@@ -1,0 +1,195 @@
+"""Several adapters as one PEFT folder: ``save_bank`` and ``load_bank``.
+
+PEFT saves a model with several adapters (``PeftModel.save_pretrained``) as
+one folder with a subfolder per adapter name, each an ordinary adapter
+folder; an adapter named ``default`` sits in the folder itself. PyTorch PEFT
+loads them with ``PeftModel.from_pretrained(base, folder / name,
+adapter_name=name)`` and ``load_adapter``, and serves a mixed batch with
+``model(x, adapter_names=[...])``; jlora reads them into a bank
+(``jlora.stack_adapters``) and serves the same batch with
+``lora_adapter_ids``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping, NamedTuple
+
+from jlora import _atomic
+from jlora.bank import bank_names, select_adapter, stack_adapters
+from jlora.errors import LoraPeftError
+from jlora.layout import Layout
+from jlora.peft import mark, names
+from jlora.peft.describe import describe
+from jlora.peft.export import save
+from jlora.peft.load import load
+from jlora.peft.rules import RulesLike
+from jlora.spec import LoraSpec
+
+DEFAULT = "default"   # PEFT's name for the adapter kept in the folder itself
+
+
+class Bank(NamedTuple):
+  """What ``load_bank`` returns.
+
+  Attributes:
+    frozen: the base parameters, ready for ``jlora.lora(fn)(frozen, bank, ...)``.
+    bank: the adapters stacked (``jlora.LoraBank`` leaves), in ``names`` order.
+    names: the adapter names; ``lora_adapter_ids`` index into them.
+    specs: name -> the ``LoraSpec`` of each adapter.
+    configs: name -> its ``adapter_config.json``.
+  """
+
+  frozen: Any
+  bank: Any
+  names: tuple[str, ...]
+  specs: dict[str, LoraSpec]
+  configs: dict[str, dict[str, Any]]
+
+
+def adapter_folders(path: str | os.PathLike) -> dict[str, pathlib.Path]:
+  """name -> folder of each adapter in a multi-adapter PEFT folder.
+
+  Example:
+    >>> import tempfile
+    >>> adapter_folders(tempfile.mkdtemp())
+    {}
+  """
+  root = pathlib.Path(path)
+  out = {}
+  if (root / names.CONFIG_NAME).is_file():
+    out[DEFAULT] = root
+  if root.is_dir():
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+      if child.is_dir() and (child / names.CONFIG_NAME).is_file():
+        out[child.name] = child
+  return out
+
+
+def is_owned(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a multi-adapter folder jlora wrote: each adapter
+  carries jlora's mark and nothing else is there."""
+  root = pathlib.Path(path)
+  folders = adapter_folders(root)
+  if not folders or not all(mark.is_owned(f) for f in folders.values()):
+    return False
+  allowed = {names.CONFIG_NAME, names.WEIGHTS_NAME} if DEFAULT in folders else set()
+  return all(child.name in folders or child.name in allowed for child in root.iterdir())
+
+
+def save_bank(path: str | os.PathLike, bank: Any, rules: RulesLike, *,
+              specs: Mapping[str, LoraSpec] | None = None, overwrite: bool = False,
+              layouts: Mapping[str, Layout] | None = None,
+              **options: Any) -> dict[str, dict[str, Any]]:
+  """Writes a bank of adapters as PEFT's multi-adapter folder.
+
+  Each adapter becomes ``path/<name>/`` (``path`` itself for one named
+  ``default``), written as ``jlora.peft.save`` writes one adapter. The folder
+  is written as a whole, atomically, and ``overwrite`` replaces only a
+  multi-adapter folder jlora wrote.
+
+  Args:
+    path: the folder.
+    bank: a bank tree (``jlora.stack_adapters``).
+    rules: how parameter paths name PyTorch modules (``jlora.peft.Rules``).
+    specs: name -> the spec an adapter was made with (see ``jlora.peft.save``).
+    overwrite: replace a multi-adapter folder jlora wrote.
+    layouts: as for ``jlora.peft.save``.
+    **options: more ``jlora.peft.save`` options, for every adapter.
+
+  Returns:
+    name -> the ``adapter_config.json`` written.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, tempfile
+    >>> params = {"fc": {"kernel": jnp.ones((8, 4))}}
+    >>> _, t = jlora.lora_transform(params, jlora.LoraSpec(rank=2, targets=["fc/kernel"]),
+    ...                             key=jax.random.key(0))
+    >>> bank = jlora.stack_adapters({"math": t, "code": t})
+    >>> folder = tempfile.mkdtemp() + "/bank"
+    >>> sorted(jlora.peft.save_bank(folder, bank, jlora.peft.Rules()))
+    ['code', 'math']
+    >>> jlora.peft.load_bank(folder, params, jlora.peft.Rules()).names
+    ('code', 'math')
+  """
+  adapters = bank_names(bank)
+  specs = dict(specs or {})
+  unknown = sorted(set(specs) - set(adapters))
+  if unknown:
+    raise LoraPeftError(f"specs for {unknown}, which the bank does not hold {list(adapters)}")
+  configs: dict[str, dict[str, Any]] = {}
+
+  def write(folder: pathlib.Path) -> None:
+    order = sorted(adapters, key=lambda n: n != DEFAULT)   # the folder's own adapter first
+    for name in order:
+      target = folder if name == DEFAULT else folder / name
+      configs[name] = save(target, select_adapter(bank, name), rules, spec=specs.get(name),
+                           layouts=layouts, **options)
+    folder.mkdir(exist_ok=True)
+
+  for name in adapters:
+    if name != DEFAULT and (os.sep in name or name.startswith(".") or not name):
+      raise LoraPeftError(f"adapter name {name!r} cannot be a folder name")
+  _atomic.replace(path, write, overwrite=overwrite, owned=is_owned,
+                  what="multi-adapter PEFT folder", error=LoraPeftError)
+  return configs
+
+
+def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
+              layouts: Mapping[str, Layout] | None = None, dtype: Any = None) -> Bank:
+  """Reads PEFT's multi-adapter folder into a bank for ``params``.
+
+  Every adapter is read and checked as ``jlora.peft.load`` reads one; they
+  are then stacked (ranks may differ; ``modules_to_save`` cannot be part of a
+  bank and is refused).
+
+  Args:
+    path: the folder (its subfolders, and itself if it holds an adapter).
+    params: the base parameters.
+    rules: how parameter paths name PyTorch modules.
+    layouts, dtype: as for ``jlora.peft.load``.
+
+  Returns:
+    ``Bank(frozen, bank, names, specs, configs)``.
+
+  Example:
+    See ``save_bank``.
+  """
+  folders = adapter_folders(path)
+  if not folders:
+    raise LoraPeftError(f"'{path}' holds no PEFT adapter (no {names.CONFIG_NAME} in it or "
+                        f"in its subfolders)")
+  loaded = {name: load(folder, params, rules, layouts=layouts, dtype=dtype)
+            for name, folder in folders.items()}
+  for name, adapter in loaded.items():
+    if adapter.config.get("modules_to_save"):
+      raise LoraPeftError(f"'{folders[name]}': adapter {name!r} trains modules in full "
+                          f"(modules_to_save {adapter.config['modules_to_save']!r}); a bank "
+                          f"holds LoRA factors only")
+  first = next(iter(loaded.values()))
+  bank = stack_adapters({name: a.trainable for name, a in loaded.items()})
+  return Bank(first.frozen, bank, tuple(loaded), {n: a.spec for n, a in loaded.items()},
+              {n: a.config for n, a in loaded.items()})
+
+
+def describe_bank(path: str | os.PathLike) -> dict[str, Any]:
+  """What a multi-adapter PEFT folder holds: each adapter as
+  ``jlora.peft.describe`` describes one, under ``adapters``.
+
+  Example:
+    >>> import tempfile
+    >>> describe_bank(tempfile.mkdtemp())["adapters"]
+    []
+  """
+  folders = adapter_folders(path)
+  adapters = [{"name": name, **describe(folder)} for name, folder in folders.items()]
+  return {"path": str(pathlib.Path(path).absolute()), "format": "peft-bank",
+          "format_detail": f"PEFT folder with {len(adapters)} adapters "
+                           f"({', '.join(folders)})",
+          "adapters": adapters}
+
+
+def is_bank(path: str | os.PathLike) -> bool:
+  """Whether ``path`` holds adapters in subfolders (PEFT's multi-adapter layout)."""
+  return any(name != DEFAULT for name in adapter_folders(path))
