@@ -22,6 +22,7 @@ from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
+from jlora.plan import Plan, plan
 from jlora.sharding import TrainShardings, shardings
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
@@ -52,6 +53,8 @@ __all__ = [
     "freeze_a",
     "shardings",
     "TrainShardings",
+    "plan",
+    "Plan",
     "summary",
     "LoraSummary",
     "MemoryTable",

@@ -211,3 +211,49 @@ def _opt_shardings(trainable: Any, tx: Any, t_shardings: Any, replicated: NamedS
     return replicated
 
   return jax.tree_util.tree_map_with_path(assign, state)
+
+
+def nf4_shardings(nf4: Any, sharding: Any) -> Any:
+  """Shardings of an ``NF4Array``'s packed arrays for a W0 of ``sharding``.
+
+  Each slice of a stack axis is quantized on its own, so the stack axes keep
+  W0's sharding; the packed codes (and the per-block scales) of a slice are
+  one flat axis, split over every mesh axis that splits W0's other axes, as
+  FSDP splits W0 itself, when its length allows (else replicated). Returns
+  an ``NF4Array`` whose leaves are ``NamedSharding``s (None without a
+  NamedSharding).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> q = jlora.quantize({"kernel": jax.ShapeDtypeStruct((4, 256, 64), jnp.bfloat16)},
+    ...                    layouts={"kernel": Layout((1,), (2,), (0,))})["kernel"]
+    >>> s = nf4_shardings(q, NamedSharding(mesh, PartitionSpec(None, "data", None)))
+    >>> s.codes.spec, s.offset.spec
+    (P(None, 'data'), P(None,))
+  """
+  if not isinstance(sharding, NamedSharding):
+    return None
+  lay = nf4.layout
+  spec = tuple(sharding.spec) + (None,) * (len(nf4.shape) - len(sharding.spec))
+  stack = tuple(spec[i] for i in lay.stack_axes)
+  flat_axes: list[str] = []
+  for i in lay.out_axes + lay.in_axes:
+    entry = spec[i]
+    for name in (entry if isinstance(entry, tuple) else (entry,)):
+      if name is not None and name not in flat_axes:
+        flat_axes.append(name)
+  split = 1
+  for name in flat_axes:
+    split *= sharding.mesh.shape[name]
+
+  def place(x: Any) -> Any:
+    if x is None:
+      return None
+    last: Any = None
+    if x.ndim > len(stack) and flat_axes and x.shape[-1] % split == 0:
+      last = flat_axes[0] if len(flat_axes) == 1 else tuple(flat_axes)
+    tail = (last,) if x.ndim > len(stack) else ()
+    return NamedSharding(sharding.mesh, PartitionSpec(*(stack + tail)))
+
+  return jax.tree_util.tree_map(place, nf4)
