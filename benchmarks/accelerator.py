@@ -188,6 +188,36 @@ def run_hlo(smoke: bool) -> dict:
           "ok": not lora_hits and len(found_full) >= adapted}
 
 
+def check_own_parts() -> list[str]:
+  """What the bf16 and hlo parts use of the other benchmark files and of
+  tests/hlo.py, checked without compiling anything: the problems found."""
+  import dataclasses
+  import inspect
+  sys.path.insert(0, HERE)
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import bench_lora
+  import hlo
+  import models
+  problems = []
+  want = {bench_lora: {"make_steps": ["model", "params", "frozen", "trainable"],
+                       "_compile": None, "_time": None},
+          models: {"LinenLM": None, "make_batches": None},
+          hlo: {"lora_step_hlo": None, "full_step_hlo": None, "weight_shaped_dots": None,
+                "dot_result_shapes": None, "_GEMM_CALL": None}}
+  for module, names in want.items():
+    for name, params in names.items():
+      obj = getattr(module, name, None)
+      if obj is None:
+        problems.append(f"{module.__name__}.{name} is gone")
+      elif params is not None and list(inspect.signature(obj).parameters) != params:
+        problems.append(f"{module.__name__}.{name} takes {list(inspect.signature(obj).parameters)}")
+  fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
+  missing = {"d_model", "n_layers", "n_heads", "seq_len", "batch"} - fields
+  if missing:
+    problems.append(f"models.ModelConfig has no {sorted(missing)}")
+  return problems
+
+
 # -- the driver --------------------------------------------------------------------------------
 
 
@@ -220,7 +250,8 @@ def drive(out_path: str, smoke: bool, budget_s: float, parts: list[str], dry_run
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   if smoke:
     env["JAX_PLATFORMS"] = "cpu"
-  info = {} if dry_run else _device_info()
+  # The smoke run is on the CPU by construction (each part records its backend too).
+  info = {} if dry_run else {"backend": "cpu", "smoke": True} if smoke else _device_info()
   gpu = info.get("backend") == "gpu"
   report = {"protocol": "jlora accelerator protocol (issue 12)", "smoke": smoke,
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "python":
@@ -278,10 +309,13 @@ def drive(out_path: str, smoke: bool, budget_s: float, parts: list[str], dry_run
     entry["wall_s"] = time.monotonic() - t0
     if os.path.exists(part_json):
       os.remove(part_json)
+  if dry_run:
+    report["own_parts_problems"] = check_own_parts()
   report["floors"] = _floors(report["parts"], gpu)
   report["wall_s"] = time.monotonic() - t_start
-  report["all_ok"] = all(p.get("status") in ("ok", "skipped: script absent", "dry run")
-                         for p in report["parts"].values()) and "error" not in report
+  report["all_ok"] = (all(p.get("status") in ("ok", "skipped: script absent", "dry run")
+                          for p in report["parts"].values())
+                      and "error" not in report and not report.get("own_parts_problems"))
   with open(out_path, "w") as f:
     json.dump(report, f, indent=2, default=str)
   return report

@@ -11,7 +11,8 @@ abstract shapes with the plan's shardings as ``in_shardings`` and the train
 state donated; nothing is allocated. The plan's weights + adapters +
 optimizer state + batch must equal XLA's argument bytes per device.
 
-    python benchmarks/plan_scale.py [--quick] [--devices 8] [--json out.json]
+    python benchmarks/plan_scale.py [--quick] [--devices 8] [--setups full,lora,qlora]
+                                    [--json out.json]
 
 The default is Llama-3-70B (80 layers, d 8192, MLP 28672, 64 heads, 8 KV
 heads, vocab 128256), batch 8 x 4096 tokens; ``--quick`` is a small model
@@ -120,7 +121,8 @@ def _peak(compiled) -> dict:
                    - m.alias_size_in_bytes)}
 
 
-def run(c: LlamaShape, n_devices: int, rank: int = 16) -> dict:
+def run(c: LlamaShape, n_devices: int, rank: int = 16,
+        setups: tuple[str, ...] = ("full", "lora", "qlora")) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -170,7 +172,7 @@ def run(c: LlamaShape, n_devices: int, rank: int = 16) -> dict:
          "params": jlora.summary(params, spec, layouts=layouts).base_params,
          "plan_s": plan_s, "plan": plan.per_device.rows, "xla": {}, "compile_s": {},
          "batch_bytes_per_device": batch_bytes}
-  for setup in ("full", "lora", "qlora"):
+  for setup in setups:
     sh, ab = plan.shardings[setup], plan.abstract[setup]
     t0 = time.perf_counter()
     if setup == "full":
@@ -202,7 +204,7 @@ def report(res: dict) -> None:
         f"batch {c['batch']} x {c['seq']}, r={res['rank']}; GiB per device")
   print(f"{'setup':<7}{'plan: weights':>14}{'adapters':>10}{'opt':>8}{'grads':>8}{'acts*':>8}"
         f"{'args':>8}   {'XLA: args':>10}{'temp':>8}{'peak':>8}")
-  for s in ("full", "lora", "qlora"):
+  for s in res["xla"]:
     p, x = res["plan"][s], res["xla"][s]
     print(f"{s:<7}{p['weights'] / gib:>14.3f}{p['adapters'] / gib:>10.4f}"
           f"{p['optimizer state'] / gib:>8.3f}{p['gradients'] / gib:>8.3f}"
@@ -216,12 +218,14 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help="a small model, for tests")
   ap.add_argument("--devices", type=int, default=8)
+  ap.add_argument("--setups", default="full,lora,qlora",
+                  help="which steps to compile against the plan")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   _set_devices(args.devices)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   res = run(LlamaShape.quick() if args.quick else LlamaShape(), args.devices,
-            rank=4 if args.quick else 16)
+            rank=4 if args.quick else 16, setups=tuple(args.setups.split(",")))
   report(res)
   if args.json:
     with open(args.json, "w") as f:

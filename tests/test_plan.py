@@ -3,7 +3,8 @@
 ``benchmarks/plan_scale.py --quick`` (in a fresh interpreter: 8 simulated
 CPU devices) builds a small Llama-shaped model from abstract shapes, shards
 it FSDP-style, plans full fine-tuning, LoRA and QLoRA with ``jlora.plan``,
-and compiles each train step with the plan's shardings, nothing allocated.
+and compiles the LoRA and QLoRA train steps with the plan's shardings,
+nothing allocated.
 What a step takes as arguments (weights, adapters, optimizer state and the
 batch) is what the plan counts, to the byte.
 """
@@ -26,7 +27,10 @@ def result(tmp_path_factory):
   flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
            " --xla_backend_optimization_level=0")
   env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], env=env,
+  # LoRA and QLoRA: the full fine-tune step (the parameters and Adam's state,
+  # sharded alike) costs a third more compile time; RESULTS.md has all three at 70B.
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--setups", "lora,qlora",
+                         "--json", str(out)], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-6000:]
   return json.loads(out.read_text())
@@ -36,7 +40,7 @@ def test_eight_devices(result):
   assert result["devices"] == 8
 
 
-@pytest.mark.parametrize("setup", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("setup", ["lora", "qlora"])
 def test_plan_counts_what_the_compiled_step_takes(result, setup):
   assert result["plan_arguments"][setup] == result["xla"][setup]["arguments"]
 
