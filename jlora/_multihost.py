@@ -101,3 +101,20 @@ class Op:
     if "error" in body:
       raise _error_class(body["error"])(f"{body['message']} (raised on process 0)")
     return body["ok"]
+
+
+def gather_to_host(tree: Any) -> Any:
+  """Every array of ``tree`` as a whole NumPy array on every process (a
+  collective: every process calls it); arrays one process sees whole are
+  left as they are."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  spread = [i for i, x in enumerate(leaves)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  if spread:
+    gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
+    for i, arr in zip(spread, gathered):
+      leaves[i] = np.asarray(arr)
+  return treedef.unflatten(leaves)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _atomic
+from jlora import _atomic, _multihost
 from jlora.errors import LoraFileError
 from jlora._paths import flatten_with_paths
 from jlora.orbax import manifest
@@ -120,7 +120,10 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   tensor, or of each file), which readers verify. The write is atomic: a
   reader finds the old base or the new one whatever point a kill interrupts
   it at, and ``overwrite`` replaces only a base jlora wrote (see the module
-  docstring for the layout).
+  docstring for the layout). With several JAX processes every process calls
+  it, as ``jlora.orbax.save``: process 0 checks, writes the manifest (or
+  the whole safetensors file, from arrays gathered to every process) and
+  swaps the result in.
 
   Args:
     path: the file or directory to create.
@@ -160,24 +163,31 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
     raise LoraFileError("params holds no arrays; nothing to save")
   rows = _params_rows(pairs)
   if is_safetensors(path):
+    # One file: with several processes, the arrays are gathered to every
+    # process (a collective) and process 0 alone writes it.
     from safetensors.flax import save_file
+    if _multihost.process_count() > 1:
+      pairs = list(zip([p for p, _ in pairs],
+                       _multihost.gather_to_host([leaf for _, leaf in pairs])))
     tensors = {p: jnp.asarray(leaf) for p, leaf in pairs}
     metadata = {_ST_FORMAT: _PARAMS_FORMAT, _ST_PATHS: json.dumps([p for p, _ in pairs]),
                 _ST_SHA256: json.dumps({p: _sha256(x) for p, x in tensors.items()})}
-    return _atomic.replace(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
-                           overwrite=overwrite, owned=is_owned, what="base")
+    return _atomic.replace_collective(
+        path, write_primary=lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
+        overwrite=overwrite, owned=is_owned, what="base", op="jlora.base.save")
   nested = _nest(dict(pairs))
   ocp = _ocp()
   meta = {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION, "params": rows}
   args = ocp.args.Composite(**{_PARAMS: ocp.args.StandardSave(nested),
                                _PARAMS_META: ocp.args.JsonSave(meta)})
 
-  def write(tmp: pathlib.Path) -> None:
+  def write(tmp: pathlib.Path) -> None:   # every process writes its shards
     with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, args=args)
-    manifest.write(tmp, _PARAMS_FORMAT)
 
-  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned, what="base")
+  return _atomic.replace_collective(
+      path, write_all=write, write_primary=lambda tmp: manifest.write(tmp, _PARAMS_FORMAT),
+      overwrite=overwrite, owned=is_owned, what="base", op="jlora.base.save")
 
 
 def read(path: PathLike, what: str = "base") -> collections.OrderedDict:

@@ -213,6 +213,9 @@ def phase_train(d: pathlib.Path, pid: int) -> dict:
                            spec=dataclasses.replace(spec(), extra_trainable=None))
   out["peft_config_r"] = config["r"]
   out["peft_files"] = sorted(p.name for p in (d / "peft").iterdir())
+  # Base files for the command line: an orbax directory and a safetensors file.
+  jlora.base.save(d / "base", fsdp["params"])
+  jlora.base.save(d / "base.safetensors", fsdp["params"])
   out["staging_left"] = sorted(p.name for p in d.iterdir() if ".jlora-" in p.name)
   return out
 
@@ -307,6 +310,10 @@ def phase_verify(d: pathlib.Path) -> dict:
     out["ckpt_steps_after"] = mngr.all_steps()
   out["ckpt_entries_after"] = sorted(p.name for p in ckpt.iterdir())
 
+  for name in ("base", "base.safetensors"):
+    loaded = jlora.base.load(d / name, like=params)
+    out[f"{name}_equal"] = all(np.array_equal(np.asarray(loaded[a][b]), host[f"{a}/{b}"])
+                               for a, b in (k.split("/") for k in host))
   peft = jlora.peft.load(d / "peft", params, rules())
   out["peft_equal"] = same(lora_only(peft.trainable), trained,
                            keys=sorted(k for k in trained.files if "bias" not in k))

@@ -169,6 +169,10 @@ def test_peft_folder_written_once_by_process_zero(runs):
   assert runs["verify"]["peft_equal"]
 
 
+def test_base_files_written_by_both_restore_on_one_process(runs):
+  assert runs["verify"]["base_equal"] and runs["verify"]["base.safetensors_equal"]
+
+
 def test_checkpoints_restore_onto_another_process_count(runs):
   v = runs["verify"]
   assert runs["train"][0]["ckpt_steps"] == [2, 3]    # max_to_keep=2

@@ -167,7 +167,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
     # collective), every process builds the same tensors and config (so a
     # refusal is raised everywhere alike), and process 0 alone writes.
     sync.barrier("start", LoraPeftError)
-    trainable = _gather_to_host(trainable)
+    trainable = _multihost.gather_to_host(trainable)
   pairs, _ = flatten_with_paths(trainable, is_leaf=_is_lora_param)
   if use_rslora is None:
     use_rslora = bool(spec.use_rslora) if spec is not None else False
@@ -341,14 +341,3 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
                              op="jlora.peft.save")
   return config
 
-
-def _gather_to_host(tree: Any) -> Any:
-  """Every array of ``tree`` as a whole NumPy array on every process."""
-  from jax.experimental import multihost_utils
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  spread = [i for i, x in enumerate(leaves)
-            if isinstance(x, jax.Array) and not x.is_fully_addressable]
-  gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
-  for i, arr in zip(spread, gathered):
-    leaves[i] = np.asarray(arr)
-  return treedef.unflatten(leaves)
