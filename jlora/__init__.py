@@ -2,14 +2,16 @@
 
 The core is at the top level: ``LoraSpec``, ``lora_transform``, ``lora``,
 ``merge``/``unmerge``, ``optimizer``, ``summary``, ``infer_layouts``, banks of
-adapters and ``combine``, and the errors. The file formats are namespaces:
-``jlora.orbax`` (adapters and training checkpoints), ``jlora.peft`` (PEFT
-adapter folders) and ``jlora.base`` (base-parameter files).
+adapters and ``combine``, ``quantize``/``dequantize``, and the errors. The
+file formats are namespaces: ``jlora.orbax`` (adapters and training
+checkpoints), ``jlora.peft`` (PEFT adapter folders), ``jlora.base``
+(base-parameter files, quantized or not) and ``jlora.bnb`` (Hugging Face
+bitsandbytes 4-bit checkpoints).
 """
 
 from importlib import metadata as _metadata
 
-from jlora import base, orbax, peft
+from jlora import base, bnb, orbax, peft
 from jlora._paths import path_str
 from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
@@ -84,6 +86,7 @@ __all__ = [
     "LoraMaterializeWarning",
     # file formats
     "base",
+    "bnb",
     "orbax",
     "peft",
 ]

@@ -14,13 +14,12 @@ taking layers out of a stack (``slice``/``dynamic_slice`` + ``squeeze``, or
 weight for that use. ``materialize`` dequantizes inside the traced step, in
 float32 rounded to the weight's dtype.
 
-A dot against such a weight runs under ``jax.checkpoint``: the backward pass
-recomputes the dequantized weight from the packed arrays where it needs it
-(for the input gradient) instead of keeping it from the forward pass. Kept,
-it would be a residual of every layer, and ``lax.scan`` would stack the
-residuals of a scanned model into a dequantized copy of the whole stack.
-The base-weight protocol has no dot hook, so this module registers a
-``dot_general`` rule that wraps the interpreter's own for those dots.
+A dot against such a weight runs under ``jax.checkpoint``
+(``recompute_in_backward``): the backward pass recomputes the dequantized
+weight from the packed arrays where it needs it (for the input gradient)
+instead of keeping it from the forward pass. Kept, it would be a residual of
+every layer, and ``lax.scan`` would stack the residuals of a scanned model
+into a dequantized copy of the whole stack.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora import _compat
 from jlora.interpret import axes as axes_lib
-from jlora.interpret import rules, values
+from jlora.interpret import values
 from jlora.quant.nf4 import NF4Array, dequantize_view
 
 
@@ -59,6 +57,8 @@ class NF4Weight(values.BaseWeight):
     perm: view axis i is storage axis ``perm[i]``.
     view_dtype: the dtype of the current view.
   """
+
+  recompute_in_backward = True
 
   codes: Any
   absmax: Any
@@ -185,20 +185,3 @@ class NF4Weight(values.BaseWeight):
 
 
 values.register_base(NF4Array, NF4Weight.of)
-
-
-
-# -- the dot ---------------------------------------------------------------------------
-
-_plain_dot_general = rules.lookup(_compat.DOT_GENERAL)
-
-
-@rules.register(_compat.DOT_GENERAL)
-def _dot_general(ctx, eqn, invals):
-  """The interpreter's dot rule; under ``jax.checkpoint`` (nothing saved but
-  its inputs) when an operand's base is stored in NF4, so the backward pass
-  recomputes the dequantized weight (and the small ``x A``) there."""
-  if not any(values.is_value(v) and isinstance(v.base, NF4Weight) for v in invals):
-    return _plain_dot_general(ctx, eqn, invals)
-  run = lambda *vals: _plain_dot_general(ctx, eqn, list(vals))  # noqa: E731
-  return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(*invals)

@@ -52,6 +52,12 @@ class BaseWeight(abc.ABC):
   caller then uses ``DenseWeight(self.materialize())`` instead.
   """
 
+  #: Whether an op that uses the dense view (a dot, a convolution) should
+  #: form it again in the backward pass rather than keep it: a stored form
+  #: much smaller than the dense one (NF4) would otherwise be saved as the
+  #: dense residual of every use, and ``lax.scan`` would stack those.
+  recompute_in_backward: bool = False
+
   @property
   @abc.abstractmethod
   def shape(self) -> tuple[int, ...]:
@@ -338,15 +344,23 @@ class AdaptedValue:
 
   # -- dot_general ----------------------------------------------------------------
 
+  def _recomputed(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(self, *args)``, under ``jax.checkpoint`` (nothing saved but its
+    inputs) when the base asks to be formed again in the backward pass."""
+    if self.base.recompute_in_backward:
+      return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)(self, *args)
+    return fn(self, *args)
+
   def dot_general(self, ctx: Any, x: jax.Array, dot: dot_lib.Dot) -> jax.Array:
     """The model's ``dot_general`` of W with ``x``, with W never formed."""
     for term in self.terms:
       term.check_dot(ctx, self.path, self.shape, dot)
-    if not dot.w_batch:
-      y = self._dot_flat(ctx, x, dot)
-    else:
-      y = self._dot_labelled(ctx, x, dot)
-    return y.astype(dot.out_dtype)
+
+    def compute(value, x):
+      y = value._dot_flat(ctx, x, dot) if not dot.w_batch else value._dot_labelled(ctx, x, dot)
+      return y.astype(dot.out_dtype)
+
+    return self._recomputed(compute, x)
 
   def note_dense_dot(self, dot: dot_lib.Dot) -> None:
     for term in self.terms:
@@ -355,14 +369,16 @@ class AdaptedValue:
   def conv(self, ctx: Any, x: jax.Array, conv: dot_lib.Conv) -> jax.Array | None:
     """The model's convolution of ``x`` with W as the kernel, W never formed;
     None when a term cannot."""
-    return self._each_term(conv.apply(x, self.base.materialize()),
-                           lambda term, y: term.add_conv(ctx, y, x, conv))
+    return self._recomputed(lambda value, x: value._each_term(
+        conv.apply(x, value.base.materialize()),
+        lambda term, y: term.add_conv(ctx, y, x, conv)), x)
 
   def ragged_dot(self, ctx: Any, x: jax.Array, ragged: dot_lib.RaggedDot) -> jax.Array | None:
     """The model's ragged dot of ``x`` with W (one matrix per group), W never
     formed; None when a term cannot."""
-    return self._each_term(ragged.apply(x, self.base.materialize()),
-                           lambda term, y: term.add_ragged(ctx, y, x, ragged))
+    return self._recomputed(lambda value, x: value._each_term(
+        ragged.apply(x, value.base.materialize()),
+        lambda term, y: term.add_ragged(ctx, y, x, ragged)), x)
 
   def _each_term(self, y: jax.Array, add: Callable[[Any, jax.Array], Any]) -> jax.Array | None:
     for term in self.terms:
