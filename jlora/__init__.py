@@ -24,6 +24,8 @@ from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
+from jlora.plan import Plan, plan
+from jlora.sharding import TrainShardings, shardings
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 from jlora.quant import NF4Array, dequantize, quantize
@@ -51,6 +53,10 @@ __all__ = [
     "lora_plus",
     "lora_fa",
     "freeze_a",
+    "shardings",
+    "TrainShardings",
+    "plan",
+    "Plan",
     "summary",
     "LoraSummary",
     "MemoryTable",

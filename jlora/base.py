@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _atomic, _compat
+from jlora import _atomic, _compat, _multihost
 from jlora.errors import LoraError, LoraFileError
 from jlora._paths import flatten_with_paths
 from jlora.orbax import manifest
@@ -174,7 +174,10 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   tensor, or of each file), which readers verify. The write is atomic: a
   reader finds the old base or the new one whatever point a kill interrupts
   it at, and ``overwrite`` replaces only a base jlora wrote (see the module
-  docstring for the layout).
+  docstring for the layout). With several JAX processes every process calls
+  it, as ``jlora.orbax.save``: process 0 checks, writes the manifest (or
+  the whole safetensors file, from arrays gathered to every process) and
+  swaps the result in.
 
   Args:
     path: the file or directory to create.
@@ -217,15 +220,21 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   quantized = {row[0]: {"shape": row[1], "dtype": row[2], **row[3]} for row in rows
                if len(row) > 3}
   if is_safetensors(path):
+    # One file: with several processes, the arrays are gathered to every
+    # process (a collective) and process 0 alone writes it.
     from safetensors.flax import save_file
-    tensors = {k: jnp.asarray(x) for k, x in _stored(pairs, _NF4_KEY).items()}
+    stored = _stored(pairs, _NF4_KEY)
+    if _multihost.process_count() > 1:
+      stored = dict(zip(stored, _multihost.gather_to_host(list(stored.values()))))
+    tensors = {k: jnp.asarray(x) for k, x in stored.items()}
     metadata = {_ST_FORMAT: _PARAMS_FORMAT, _ST_PATHS: json.dumps([p for p, _ in pairs]),
                 _ST_SHA256: json.dumps({k: _sha256(x) for k, x in tensors.items()})}
     if quantized:
       metadata[_ST_QUANT] = json.dumps(quantized)
       metadata[_ST_QUANT_SHA256] = hashlib.sha256(metadata[_ST_QUANT].encode()).hexdigest()
-    return _atomic.replace(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
-                           overwrite=overwrite, owned=is_owned, what="base")
+    return _atomic.replace_collective(
+        path, write_primary=lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
+        overwrite=overwrite, owned=is_owned, what="base", op="jlora.base.save")
   nested = _nest(_stored(pairs, "/"))
   ocp = _ocp()
   meta = {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION if quantized else 1,
@@ -233,12 +242,13 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   args = ocp.args.Composite(**{_PARAMS: ocp.args.StandardSave(nested),
                                _PARAMS_META: ocp.args.JsonSave(meta)})
 
-  def write(tmp: pathlib.Path) -> None:
+  def write(tmp: pathlib.Path) -> None:   # every process writes its shards
     with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, args=args)
-    manifest.write(tmp, _PARAMS_FORMAT)
 
-  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned, what="base")
+  return _atomic.replace_collective(
+      path, write_all=write, write_primary=lambda tmp: manifest.write(tmp, _PARAMS_FORMAT),
+      overwrite=overwrite, owned=is_owned, what="base", op="jlora.base.save")
 
 
 def read(path: PathLike, what: str = "base") -> collections.OrderedDict:

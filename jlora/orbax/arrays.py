@@ -61,7 +61,9 @@ def check_concrete(path: str, x: Any) -> None:
 
 
 def default_sharding() -> jax.sharding.Sharding:
-  return SingleDeviceSharding(jax.devices()[0])
+  """This process's first device (with several processes, jax.devices()[0]
+  belongs to process 0)."""
+  return SingleDeviceSharding(jax.local_devices()[0])
 
 
 def describe(shape: Any, dtype: Any) -> str:
