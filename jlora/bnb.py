@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _atomic
+from jlora import _atomic, _multihost
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraFileError, LoraSpecError
 from jlora.layout import Layout
@@ -660,6 +660,10 @@ def save(path: PathLike, params: Any, rules: RulesLike, *,
       raise LoraFileError(f"{where}: '{p}' and '{owner[key]}' are both named '{key}'")
     tensors[key], owner[key] = np.ascontiguousarray(value), p
 
+  if _multihost.process_count() > 1:
+    # One file: the arrays are gathered to every process (a collective) and
+    # process 0 alone writes it.
+    params = _multihost.gather_to_host(params)
   pairs = [(p, leaf) for p, leaf in flatten_with_paths(params)[0] if leaf is not None]
   if not pairs:
     raise LoraFileError("params holds no arrays; nothing to save")
@@ -678,8 +682,9 @@ def save(path: PathLike, params: Any, rules: RulesLike, *,
     from safetensors.numpy import save_file
     save_file(tensors, os.fspath(tmp), metadata=metadata)
 
-  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned,
-                         what="bitsandbytes checkpoint")
+  return _atomic.replace_collective(path, write_primary=write, overwrite=overwrite,
+                                    owned=is_owned, what="bitsandbytes checkpoint",
+                                    op="jlora.bnb.save")
 
 
 def _host(p: str, x: Any, where: str) -> np.ndarray:

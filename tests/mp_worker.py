@@ -158,6 +158,12 @@ def rules():
   return jlora.peft.Rules.generic()
 
 
+def bnb_params(params):
+  """The base with l1's kernel in NF4, as a bitsandbytes checkpoint holds it."""
+  import jlora
+  return jlora.quantize(params, targets=["l1/kernel"])
+
+
 # -- phases -------------------------------------------------------------------------------
 
 
@@ -216,6 +222,9 @@ def phase_train(d: pathlib.Path, pid: int) -> dict:
   # Base files for the command line: an orbax directory and a safetensors file.
   jlora.base.save(d / "base", fsdp["params"])
   jlora.base.save(d / "base.safetensors", fsdp["params"])
+  # A bitsandbytes checkpoint of the base, dense and NF4 leaves, PyTorch names.
+  (d / "bnb").mkdir(exist_ok=True)
+  jlora.bnb.save(d / "bnb" / "model.safetensors", bnb_params(fsdp["params"]), rules())
   out["staging_left"] = sorted(p.name for p in d.iterdir() if ".jlora-" in p.name)
   return out
 
@@ -314,6 +323,11 @@ def phase_verify(d: pathlib.Path) -> dict:
     loaded = jlora.base.load(d / name, like=params)
     out[f"{name}_equal"] = all(np.array_equal(np.asarray(loaded[a][b]), host[f"{a}/{b}"])
                                for a, b in (k.split("/") for k in host))
+  expected = bnb_params(nest({k: jax.numpy.asarray(v) for k, v in host.items()}))
+  loaded = jlora.bnb.load(d / "bnb", like=params, rules=rules())
+  out["bnb_equal"] = all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+      zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(expected)))
   peft = jlora.peft.load(d / "peft", params, rules())
   out["peft_equal"] = same(lora_only(peft.trainable), trained,
                            keys=sorted(k for k in trained.files if "bias" not in k))
