@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 
@@ -199,9 +198,7 @@ def main(argv=None):
       print(f"PEFT {row['peft']} mixed batch over {row['adapters']} adapters "
             f"({row['batch']}x{row['seq']}): {row['mixed_ms']:.1f} ms against one adapter "
             f"{row['single_ms']:.1f} ms: ratio {row['ratio']:.2f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2, default=str)
+  harness.write_json(args.json, res)
   return res
 
 

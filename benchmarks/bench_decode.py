@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -68,9 +67,7 @@ def main(argv=None):
   m = res["median_ms"]
   print(f"decode step on {res['machine']}, jax {res['jax']} ({res['backend']}): unmerged "
         f"{m['unmerged']:.3f} ms, merged {m['merged']:.3f} ms, ratio {res['ratio']:.3f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
+  harness.write_json(args.json, res)
   return res
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -91,9 +90,7 @@ def main(argv=None):
         f"LoRA + adapted embedding {m['lora+embedding']:.1f} ms")
   print(f"  DoRA / LoRA {res['dora_over_lora']:.3f}; embedding adapted / frozen "
         f"{res['embedding_adapted_over_frozen']:.3f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
+  harness.write_json(args.json, res)
   return res
 
 

@@ -7,6 +7,7 @@ medians are compared.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -64,3 +65,10 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], rounds: int, *,
       wait(variants[name]())
       times[name].append(time.perf_counter() - t0)
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def write_json(path: str | None, result: Mapping[str, Any]) -> None:
+  """Writes a benchmark's result to ``path`` (``--json``), if one was given."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2, default=str)

@@ -276,9 +276,7 @@ def main(argv=None):
     else:
       print(f"XLA flags {name!r}: jlora LoRA {row['lora_step_ms']:.1f} ms, XLA full "
             f"{row['full_step_ms']:.1f} ms, ratio {row['ratio']:.3f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
+  harness.write_json(args.json, res)
   return res
 
 
