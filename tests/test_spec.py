@@ -170,7 +170,7 @@ def test_bad_pattern_values_name_the_key():
     jlora.LoraSpec(layouts={"w": ((0,), (1,))})
 
 
-@pytest.mark.parametrize("init", ["kaiming", "Gaussian", "", "pissa_niter_", "loftq"])
+@pytest.mark.parametrize("init", ["kaiming", "Gaussian", "", "pissa_niter_", "loftq_iter_0", "LoftQ"])
 def test_bad_init(init):
   with pytest.raises(jlora.LoraSpecError, match="init must be one of"):
     jlora.LoraSpec(init=init)
