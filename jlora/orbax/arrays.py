@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jlora import _compat
 from jlora.errors import LoraCheckpointError
-from jlora.layout import Layout
-from jlora.sharding import factor_shardings, leaf_sharding
+from jlora.sharding import array_sharding, leaf_sharding
 from jlora.orbax import names, validation
 
 def dtype_name(x: Any) -> str:
@@ -107,10 +106,12 @@ def restore_arrays(restore: validation.RestoreFn, item: str, path: pathlib.Path,
   return out
 
 
-def load_shardings(w0: Any, layout: Layout) -> tuple[Any, Any]:
+def load_shardings(w0: Any, axes: dict[str, tuple[int | None, ...]]) -> dict[str, Any]:
+  """name -> the sharding of each adapter array, derived from W0's (``axes``:
+  the weight axis each array axis follows, from ``Adapter.array_axes``)."""
   sharding = sharding_of(w0)
   if isinstance(sharding, NamedSharding):
-    return factor_shardings(sharding, layout, len(w0.shape))
+    return {name: array_sharding(sharding, ax, len(w0.shape)) for name, ax in axes.items()}
   if isinstance(sharding, SingleDeviceSharding):
-    return sharding, sharding
-  return None, None
+    return {name: sharding for name in axes}
+  return {name: None for name in axes}
