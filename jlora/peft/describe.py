@@ -124,7 +124,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     m = parts.get("m")
     targets.append({"module": module, "kind": kind, "rank": rank, "config_rank": mod_r,
                     "alpha": mod_alpha, "scale": scale,
-                    "in": (a[0][0] if emb else a[0][1]) if a else None,
+                    "in": a[0][1] if a else None,
                     "out": b[0][0] if b else None, "a_shape": a[0] if a else None,
                     "b_shape": b[0] if b else None,
                     "factor_dtype": (a or b or m)[1],
