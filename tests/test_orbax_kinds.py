@@ -33,8 +33,16 @@ def _params():
 
 def _noisy(tree, seed=1):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype),
-                      tree)
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.1 * rng.standard_normal(x.shape),
+                                            x.dtype), tree)
+
+
+def _adapter(params, spec, seed):
+  """``lora_transform``'s trainable tree with random arrays drawn by NumPy (no
+  XLA compilation for the init)."""
+  _, t = jlora.lora_transform(jax.eval_shape(lambda: params), spec)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), t)
 
 
 def _sharded_base(params):
@@ -48,8 +56,7 @@ def _sharded_base(params):
 def test_dora_and_banks_round_trip_exactly_on_w0s_shardings(tmp_path, capsys):
   params = _params()
   spec = jlora.LoraSpec(rank=2, targets=["w", "v"], use_dora=True, layouts=LAYOUTS)
-  frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(0))
-  t = _noisy(t)
+  frozen, t = params, _adapter(params, spec, 0)
   jlora.orbax.save(tmp_path / "dora", t, spec, base=frozen)
   loaded, loaded_spec = jlora.orbax.load(tmp_path / "dora", base=frozen)
   assert_trees_equal(loaded, t)
@@ -66,11 +73,9 @@ def test_dora_and_banks_round_trip_exactly_on_w0s_shardings(tmp_path, capsys):
   np.testing.assert_array_equal(v.magnitude, t["v"].magnitude)
 
   # A bank: a leading adapter axis, each adapter's pair sharded as a LoraParam's.
-  _, t1 = jlora.lora_transform(params, jlora.LoraSpec(rank=2, targets=["w"]),
-                               key=jax.random.key(1))
-  _, t2 = jlora.lora_transform(params, jlora.LoraSpec(rank=3, alpha=8, targets=["w", "v"],
-                                                      layouts=LAYOUTS), key=jax.random.key(2))
-  bank = jlora.stack_adapters({"math": _noisy(t1, 3), "code": _noisy(t2, 4)})
+  t1 = _adapter(params, jlora.LoraSpec(rank=2, targets=["w"]), 1)
+  t2 = _adapter(params, jlora.LoraSpec(rank=3, alpha=8, targets=["w", "v"], layouts=LAYOUTS), 2)
+  bank = jlora.stack_adapters({"math": t1, "code": t2})
   with pytest.raises(jlora.LoraSpecError, match="a bank of adapters.*spec=None"):
     jlora.orbax.save(tmp_path / "x", bank, spec, base=params)
   jlora.orbax.save(tmp_path / "bank", bank, base=params)
@@ -89,17 +94,12 @@ def test_dora_and_banks_round_trip_exactly_on_w0s_shardings(tmp_path, capsys):
 def test_a_manager_checkpoints_dora_and_banks(tmp_path):
   params = _params()
   spec = jlora.LoraSpec(rank=2, targets=["w", "v"], use_dora=True, layouts=LAYOUTS)
-  frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(0))
-  _, t1 = jlora.lora_transform(params, jlora.LoraSpec(rank=2, targets=["w"]),
-                               key=jax.random.key(1))
-  bank = jlora.stack_adapters({"a": _noisy(t1, 2), "b": _noisy(t1, 3)})
-  for name, trainable, s in (("dora", _noisy(t), spec), ("bank", bank, None)):
+  t1 = _adapter(params, jlora.LoraSpec(rank=2, targets=["w"]), 1)
+  bank = jlora.stack_adapters({"a": t1, "b": _noisy(t1, 2)})
+  for name, trainable, s in (("dora", _adapter(params, spec, 0), spec), ("bank", bank, None)):
     tx = jlora.optimizer(optax.adam(1e-2), trainable)
-    opt_state = tx.init(trainable)
-    grads = jax.tree.map(jnp.ones_like, trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    with jlora.orbax.CheckpointManager(tmp_path / name, base=frozen, spec=s,
+    opt_state = _noisy(tx.init(trainable), 3)            # moments that are not zeros
+    with jlora.orbax.CheckpointManager(tmp_path / name, base=params, spec=s,
                                        async_save=False) as mngr:
       mngr.save(1, trainable, opt_state)
       got = mngr.restore(opt_state=jax.eval_shape(lambda: opt_state))

@@ -45,8 +45,18 @@ IDS = np.random.default_rng(0).integers(0, 32, size=(2, 8), dtype=np.int64)
 def _noisy(tree, seed, std=0.2):
   """Every array of a trainable tree moved off its value (B nonzero, magnitudes changed)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: x + jnp.asarray(std * rng.standard_normal(x.shape), x.dtype),
-                      tree)
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + std * rng.standard_normal(x.shape),
+                                            x.dtype), tree)
+
+
+def _adapter(params, spec, seed, layouts=None, std=0.2):
+  """``lora_transform``'s trainable tree with random arrays drawn by NumPy (no
+  XLA compilation for the init; a DoRA magnitude about 1 +- std)."""
+  _, t = jlora.lora_transform(jax.eval_shape(lambda: params), spec, layouts=layouts)
+  rng = np.random.default_rng(seed)
+  fill = lambda kp, x: jnp.asarray((1.0 if kp[-1].name == "magnitude" else 0.0)  # noqa: E731
+                                   + std * rng.standard_normal(x.shape), x.dtype)
+  return jax.tree_util.tree_map_with_path(fill, t)
 
 
 def _peft_model(tm, seed, **config):
@@ -83,8 +93,7 @@ def test_dora_and_embeddings_both_ways_on_llama(tmp_path):
 
   spec = jlora.LoraSpec(rank=4, alpha=8, use_dora=True,
                         targets=r".*/(embed_tokens/embedding|q_proj/kernel|down_proj/kernel)")
-  frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(0))
-  t = _noisy(t, 3)
+  frozen, t = params, _adapter(params, spec, 3)
   config = jlora.peft.save(tmp_path / "ours", t, rules, spec=spec)
   assert config["use_dora"] and config["target_modules"] == ["down_proj", "embed_tokens", "q_proj"]
   ours = _flax_logits(fm, jlora.merge(frozen, t), IDS)
@@ -92,8 +101,7 @@ def test_dora_and_embeddings_both_ways_on_llama(tmp_path):
   np.testing.assert_allclose(_torch_logits(_load_in_peft(tm, tmp_path / "ours"), IDS), ours,
                              atol=1e-4)
   # One folder is DoRA or not: mixed kinds are refused, as is a bank of DoRA adapters.
-  _, plain = jlora.lora_transform(params, jlora.LoraSpec(rank=4, targets=r".*/v_proj/kernel"),
-                                  key=jax.random.key(1))
+  plain = _adapter(params, jlora.LoraSpec(rank=4, targets=r".*/v_proj/kernel"), 1)
   mixed = jax.tree.map(lambda a, b: a if a is not None else b, t, plain,
                        is_leaf=lambda x: x is None or jlora.adapter.is_adapter(x))
   with pytest.raises(jlora.LoraPeftError, match=r"mixes \['DoraParam', 'LoraParam'\].*two folders"):
@@ -140,14 +148,15 @@ def test_tied_embedding_both_ways_on_llama(tmp_path):
   pm.save_pretrained(tmp_path / "peft")
   want = _torch_logits(pm, IDS)
   ad = jlora.peft.load(tmp_path / "peft", params, rules)     # lm_head's factors checked
+  with pytest.raises(jlora.LoraPeftError, match=r"module 'lm_head', which no parameter maps "
+                                                r"to.*Rules\(tied=\.\.\.\)"):
+    jlora.peft.load(tmp_path / "peft", params, jlora.peft.Rules.llama())
   with warnings.catch_warnings():
     warnings.simplefilter("error", jlora.LoraMaterializeWarning)   # lookup and head: low-rank
     np.testing.assert_allclose(_lora_logits(fn, ad.frozen, ad.trainable, x), want, atol=1e-4)
 
   spec = jlora.LoraSpec(rank=4, alpha=8, targets=r".*/(embed_tokens/embedding|v_proj/kernel)")
-  frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(0),
-                                   layouts=jlora.infer_layouts(fn, params, x))
-  t = _noisy(t, 3)
+  frozen, t = params, _adapter(params, spec, 3, layouts=jlora.infer_layouts(fn, params, x))
   config = jlora.peft.save(tmp_path / "ours", t, rules, spec=spec)
   assert config["ensure_weight_tying"]
   ours = _lora_logits(fn, frozen, t, x)
@@ -223,9 +232,7 @@ def test_conv2d_both_ways(tmp_path, dora):
   np.testing.assert_allclose(_lora_logits(fm.apply, ad.frozen, ad.trainable, x), want, atol=1e-4)
 
   spec = jlora.LoraSpec(rank=2, alpha=4, targets=r".*/(conv\d|head)/kernel", use_dora=dora)
-  frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(0),
-                                   layouts=jlora.infer_layouts(fm.apply, params, x))
-  t = _noisy(t, 3, 0.3)
+  frozen, t = params, _adapter(params, spec, 3, jlora.infer_layouts(fm.apply, params, x), 0.3)
   jlora.peft.save(tmp_path / "ours", t, rules, spec=spec)
   back = peft.PeftModel.from_pretrained(copy.deepcopy(tm), tmp_path / "ours").eval()
   np.testing.assert_allclose(torch_out(back), _lora_logits(fm.apply, frozen, t, x), atol=1e-4)
@@ -313,8 +320,7 @@ def test_fused_experts_both_ways(tmp_path):
     np.testing.assert_array_equal(got, ref)
 
   spec = jlora.LoraSpec(rank=2, alpha=4, targets=["up", "down", "w"])
-  frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(0), layouts=layouts)
-  t = _noisy(t, 3, 0.3)
+  frozen, t = params, _adapter(params, spec, 3, layouts, 0.3)
   config = jlora.peft.save(tmp_path / "ours", t, rules, spec=spec)
   assert config["target_parameters"] == ["experts.down", "experts.up", "proj.w"]
   assert config["target_modules"] == []
@@ -328,13 +334,11 @@ def test_fused_experts_both_ways(tmp_path):
                                                 r"adapted.*Rules\(parameter_order"):
     jlora.peft.save(tmp_path / "x", t, jlora.peft.Rules(parameters=True))
   with pytest.raises(jlora.LoraPeftError, match="no DoRA for target_parameters"):
-    jlora.peft.save(tmp_path / "x", jlora.lora_transform(
-        params, jlora.LoraSpec(rank=2, targets=["w"], use_dora=True), key=jax.random.key(0),
-        layouts=layouts)[1], rules)
+    jlora.peft.save(tmp_path / "x", _adapter(
+        params, jlora.LoraSpec(rank=2, targets=["w"], use_dora=True), 0, layouts), rules)
   with pytest.raises(jlora.LoraPeftError, match="cannot apply LoRA dropout"):
-    jlora.peft.save(tmp_path / "x", jlora.lora_transform(
-        params, jlora.LoraSpec(rank=2, targets=["w"], dropout=0.1), key=jax.random.key(0),
-        layouts=layouts)[1], rules)
+    jlora.peft.save(tmp_path / "x", _adapter(
+        params, jlora.LoraSpec(rank=2, targets=["w"], dropout=0.1), 0, layouts), rules)
 
 
 def test_kinds_map_each_slice_exactly():

@@ -397,10 +397,14 @@ def _match_lora_modules(lora, index: _Index, config, rules: Rules, weights: str
         continue
       kind = kinds.CONV if lora_a.ndim > 2 else kinds.LINEAR
     if not hits:
+      hint = ("; the folder ties modules to its embedding (ensure_weight_tying): if the "
+              "model's output head is its embedding table, say so with Rules(tied=...) "
+              "(Rules.llama(tie_word_embeddings=True))" if config.get("ensure_weight_tying")
+              else "")
       raise LoraPeftError(
           f"'{weights}': key '{key_a}' is for PyTorch module '{name}', which no "
           f"parameter maps to under these rules (nearest module names: "
-          f"{index.near(name)})")
+          f"{index.near(name)}){hint}")
     if len(hits) > 1:
       raise LoraPeftError(f"'{weights}': module '{name}' maps to several parameters: "
                           f"{[e.path for e, _ in hits]}")
