@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import os
-import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import harness  # noqa: E402
 import jlora  # noqa: E402
 import models  # noqa: E402
 
@@ -56,12 +54,6 @@ def _adapters(params, n, key=0):
     frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(key + k))
     out[f"adapter{k}"] = jax.tree_util.tree_map(lambda x: x + 1e-3, t)
   return frozen, out
-
-
-def _timed(fn, *args):
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
 
 
 def _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, label,
@@ -129,14 +121,8 @@ def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int,
     results["decode"] = {"batch": batch, "seq": 1, "auto": jlora.interpret.bank_term.choose(
         "auto", examples=batch, rows=batch, adapters=n, rank=16, platform=platform_name)}
 
-  times = {k: [] for k in variants}
-  for k, (f, args) in variants.items():   # compile and warm up
-    _timed(f, *args)
-    _timed(f, *args)
-  for _ in range(rounds):
-    for k, (f, args) in variants.items():
-      times[k].append(_timed(f, *args))
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = harness.interleaved({k: functools.partial(f, *args) for k, (f, args) in variants.items()},
+                            rounds, block=jax.block_until_ready)
   table = []
   for n in list(n_adapters) + (["decode"] if decode else []):
     for what in ("forward", "step"):
@@ -149,23 +135,9 @@ def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int,
         row[f"{how}_ms"] = med[(n, how, what)] * 1e3
         row[f"{how}_ratio"] = med[(n, how, what)] / base
       table.append(row)
-  return {"machine": _machine(), "jax": jax.__version__, "backend": jax.default_backend(),
+  return {"machine": harness.machine(), "machine_info": harness.machine_info(),
+          "jax": jax.__version__, "backend": jax.default_backend(),
           "rounds": rounds, "rows": table}
-
-
-def _machine() -> str:
-  flags = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), platform.processor())
-    have = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                     if line.startswith("flags")), []))
-    flags = " ".join(x for x in ("avx2", "fma", "avx512f", "amx_tile") if x in have)
-  except OSError:
-    model = platform.processor()
-  return f"{model} ({flags}), {os.cpu_count()} cores"
 
 
 def run_peft(cfg: models.ModelConfig, n: int, rounds: int) -> dict:
@@ -191,18 +163,9 @@ def run_peft(cfg: models.ModelConfig, n: int, rounds: int) -> dict:
   x = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab, (batch, seq)))
   names = [f"adapter{i % n}" for i in range(batch)]
   model.set_adapter("adapter2")
-  times = {"single": [], "mixed": []}
   with torch.no_grad():
-    for f in (lambda: model(x), lambda: model(x, adapter_names=names)):
-      f()
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      model(x)
-      times["single"].append(time.perf_counter() - t0)
-      t0 = time.perf_counter()
-      model(x, adapter_names=names)
-      times["mixed"].append(time.perf_counter() - t0)
-  med = {k: statistics.median(v) for k, v in times.items()}
+    med = harness.interleaved({"single": lambda: model(x),
+                               "mixed": lambda: model(x, adapter_names=names)}, rounds)
   return {"adapters": n, "batch": batch, "seq": seq, "single_ms": med["single"] * 1e3,
           "mixed_ms": med["mixed"] * 1e3, "ratio": med["mixed"] / med["single"],
           "torch": torch.__version__, "peft": peft.__version__}
@@ -235,9 +198,7 @@ def main(argv=None):
       print(f"PEFT {row['peft']} mixed batch over {row['adapters']} adapters "
             f"({row['batch']}x{row['seq']}): {row['mixed_ms']:.1f} ms against one adapter "
             f"{row['single_ms']:.1f} ms: ratio {row['ratio']:.2f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2, default=str)
+  harness.write_json(args.json, res)
   return res
 
 

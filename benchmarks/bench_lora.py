@@ -18,7 +18,6 @@ drift in machine load hits both alike; the medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
+import harness  # noqa: E402
 import models  # noqa: E402
 
 
@@ -155,9 +155,7 @@ def main(argv=None):
   c = res["compile_s"]
   print(f"{'compile (LoRA/full step)':<28}{c['lora_step']:>11.2f}s{c['full_step']:>11.2f}s"
         f"{res['compile_ratio']:>8.3f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
+  harness.write_json(args.json, res)
   return res
 
 

@@ -23,7 +23,6 @@ Timings are printed and written as JSON, not recorded by the script.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
+import harness  # noqa: E402
 import models  # noqa: E402
 
 PROJ = r".*/(q|k|v|o|up|down)/kernel"
@@ -257,9 +257,7 @@ def main(argv=None):
             f"{s['activations'] / GIB:>8.2f}")
     print("* summary's activation estimate keeps every matmul's input and output (no "
           "rematerialization); the model rematerializes each layer.")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
+  harness.write_json(args.json, res)
   return res
 
 

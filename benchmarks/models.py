@@ -403,3 +403,64 @@ def __getattr__(name):  # PEP 562: framework classes built on first access
     if name in _LAZY:
         return _LAZY[name]()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------
+# Decoding with a KV cache (plain JAX over the Linen parameter tree)
+# --------------------------------------------------------------------------
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+    """Empty keys and values for every layer: (layers, batch, length, heads, hd)."""
+    import jax.numpy as jnp
+
+    shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype or jnp.float32), "v": jnp.zeros(shape, dtype or jnp.float32)}
+
+
+def decode_step(cfg: ModelConfig, params, cache, tokens, pos):
+    """One token per sequence through the LinenLM of this module's weights.
+
+    ``tokens`` (batch,) at position ``pos`` (a traced scalar); returns the
+    logits (batch, vocab) and the cache with this position's keys and values.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    p = params["params"]
+
+    def dense(x, name, block=None):
+        w = p[name] if block is None else p[block][name]
+        return x @ w["kernel"] + w["bias"]
+
+    B = tokens.shape[0]
+    H, hd, L = cfg.n_heads, cfg.head_dim, cache["k"].shape[2]
+    x = jnp.take(p["tok_emb"]["embedding"], tokens, axis=0)
+    x = x + lax.dynamic_index_in_dim(p["pos_emb"], pos, keepdims=False)
+    keys, values = [], []
+    for i in range(cfg.n_layers):
+        b = f"block_{i}"
+        h = _ln(p[b]["ln1"], x)
+        q = dense(h, "q", b).reshape(B, H, hd)
+        k_all = lax.dynamic_update_slice_in_dim(cache["k"][i], dense(h, "k", b).reshape(
+            B, 1, H, hd), pos, axis=1)
+        v_all = lax.dynamic_update_slice_in_dim(cache["v"][i], dense(h, "v", b).reshape(
+            B, 1, H, hd), pos, axis=1)
+        keys.append(k_all)
+        values.append(v_all)
+        s = jnp.einsum("bhd,bthd->bht", q, k_all) / math.sqrt(hd)
+        s = jnp.where(jnp.arange(L) <= pos, s, jnp.finfo(s.dtype).min)
+        att = jnp.einsum("bht,bthd->bhd", jax.nn.softmax(s, axis=-1), v_all).reshape(B, -1)
+        x = x + dense(att, "o", b)
+        h = jax.nn.gelu(dense(_ln(p[b]["ln2"], x), "up", b), approximate=True)
+        x = x + dense(h, "down", b)
+    logits = dense(_ln(p["ln_f"], x), "head")
+    return logits, {"k": jnp.stack(keys), "v": jnp.stack(values)}
+
+
+def _ln(w, x):
+    import jax.numpy as jnp
+
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + LN_EPS) * w["scale"] + w["bias"]

@@ -26,14 +26,20 @@ Peers:
   jlora     this project: Linen model.apply under jlora.lora (skipped, with
             the reason, if jlora does not import or lacks lora_transform)
 
-Each library runs in its own subprocess (this file with --_worker) so peak RSS
-and imports are per library.
+Each library runs in its own process (this file with --_worker), so peak RSS
+and imports are per library. The processes are prepared one after the other
+(imports, compilation), then the driver steps them in rounds: every round
+runs one training step of each library, in a rotating order, while the
+others wait. Drift in the machine's load (a shared machine) hits all alike,
+and the medians compare. The table and the JSON name the CPU and its vector
+extensions (AVX2, AVX-512, AMX): the ranking depends on them.
 
 Adding a JAX peer: write ``setup_<name>(ctx) -> JaxSetup`` (pure step/loss
 functions over a (trainable, opt_state) state and a frozen tree; setup_jlora
 and setup_qwix are ~35 lines each) and register it in PEERS; the shared
-harness ``run_jax`` does compile timing, HLO inspection, the training loop,
-timing and losses. A non-JAX peer returns the result dict itself (run_peft).
+``JaxSession`` does compile timing, HLO inspection, stepping and losses. A
+non-JAX peer is a session of its own (``PeftSession``: ``info``, ``step(i)``,
+``finish()``).
 
 Usage:
   python benchmarks/peers.py --quick                      # smoke test
@@ -54,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -63,6 +70,7 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.append(os.path.dirname(_HERE))  # repo root: jlora without pip install
+import harness  # noqa: E402
 import models  # noqa: E402
 
 # Optimizer, identical for every peer (optax.adamw / torch.optim.AdamW).
@@ -177,51 +185,50 @@ def count_dots(hlo: str) -> int:
     return sum(1 for line in hlo.splitlines() if _DOT_RE.search(line))
 
 
-def run_jax(setup: JaxSetup, ctx: Context) -> dict:
-    import jax
-    import jax.numpy as jnp
+class JaxSession:
+    """A JAX peer, compiled and ready to step (see ``worker``)."""
 
-    xs, ys = jnp.asarray(ctx.xs), jnp.asarray(ctx.ys)
-    jax.block_until_ready((xs, ys))
-    state, frozen = jax.device_put(setup.state), jax.device_put(setup.frozen)
-    res: dict = {"notes": setup.notes}
-    res["opt_state_bytes"] = tree_nbytes(state[1])
-    res["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state[0])))
+    def __init__(self, setup: JaxSetup, ctx: Context):
+        import jax
+        import jax.numpy as jnp
 
-    loss_fn = jax.jit(setup.loss)
-    loss0_eval = float(loss_fn(state, frozen, xs[0], ys[0]))
-
-    t = time.perf_counter()
-    compiled = jax.jit(setup.step, donate_argnums=0).lower(
-        state, frozen, xs[0], ys[0]).compile()
-    res["compile_s"] = time.perf_counter() - t
-    hlo = compiled.as_text()
-    # The dW0 check reads shapes, so it needs a token count unlike every
-    # weight dim: at batch 8 x 256 = 2048 = d_mlp an input gradient of `up`
-    # has the shape of `down`'s kernel. The check lowers the same step on a
-    # batch with one sequence fewer; what XLA computes does not depend on it.
-    probe_x, probe_y = xs[0][:-1], ys[0][:-1]
-    probe_hlo = jax.jit(setup.step, donate_argnums=0).lower(
-        state, frozen, probe_x, probe_y).compile().as_text()
-    dots = find_dense_w0_dots(probe_hlo, ctx.frozen_shapes(), ctx.lcfg.rank)
-    res["dense_w0_grad"] = bool(dots)
-    res["dense_w0_dots"] = dots[:8]
-    res["hlo_dot_count"] = count_dots(hlo)
-
-    losses, times = [], []
-    for i in range(ctx.steps):
+        self.ctx = ctx
+        self.xs, self.ys = jnp.asarray(ctx.xs), jnp.asarray(ctx.ys)
+        jax.block_until_ready((self.xs, self.ys))
+        self.state = jax.device_put(setup.state)
+        self.frozen = jax.device_put(setup.frozen)
+        res: dict = {"notes": setup.notes}
+        res["opt_state_bytes"] = tree_nbytes(self.state[1])
+        res["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(self.state[0])))
+        self.loss_fn = jax.jit(setup.loss)
+        res["loss_step0_check"] = float(
+            self.loss_fn(self.state, self.frozen, self.xs[0], self.ys[0]))
         t = time.perf_counter()
-        state, loss = compiled(state, frozen, xs[i], ys[i])
-        jax.block_until_ready((state, loss))
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss))
-    res["first_step_s"] = times[0]
-    res["step_times_s"] = times
-    res["losses"] = losses
-    res["loss_step0"] = losses[0]
-    res["loss_step0_check"] = loss0_eval  # jitted loss fn; must equal loss_step0
-    res["loss_final"] = float(loss_fn(state, frozen, xs[0], ys[0]))
-    return res
+        self.compiled = jax.jit(setup.step, donate_argnums=0).lower(
+            self.state, self.frozen, self.xs[0], self.ys[0]).compile()
+        res["compile_s"] = time.perf_counter() - t
+        # The dW0 check reads shapes, so it needs a token count unlike every
+        # weight dim: at batch 8 x 256 = 2048 = d_mlp an input gradient of `up`
+        # has the shape of `down`'s kernel. The check lowers the same step on a
+        # batch with one sequence fewer; what XLA computes does not depend on it.
+        probe_hlo = jax.jit(setup.step, donate_argnums=0).lower(
+            self.state, self.frozen, self.xs[0][:-1], self.ys[0][:-1]).compile().as_text()
+        dots = find_dense_w0_dots(probe_hlo, ctx.frozen_shapes(), ctx.lcfg.rank)
+        res["dense_w0_grad"] = bool(dots)
+        res["dense_w0_dots"] = dots[:8]
+        res["hlo_dot_count"] = count_dots(self.compiled.as_text())
+        self.info = res
+
+    def step(self, i: int) -> tuple[float, float]:
+        import jax
+        t = time.perf_counter()
+        self.state, loss = self.compiled(self.state, self.frozen, self.xs[i], self.ys[i])
+        jax.block_until_ready((self.state, loss))
+        return time.perf_counter() - t, float(loss)
+
+    def finish(self) -> dict:
+        return {"loss_final": float(self.loss_fn(self.state, self.frozen, self.xs[0],
+                                                 self.ys[0]))}
 
 
 def _xent(logits, y):
@@ -379,64 +386,62 @@ def setup_jlora(ctx: Context) -> JaxSetup:
 # PyTorch + PEFT
 # --------------------------------------------------------------------------
 
-def run_peft(ctx: Context) -> dict:
-    import torch
-    import peft
+class PeftSession:
+    """PyTorch + PEFT, eager, with as many threads as cores."""
 
-    n_threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(n_threads)
-    torch.manual_seed(0)
-    base = models.TorchLM(ctx.cfg)
-    models.load_torch(base, ctx.params)
-    config = peft.LoraConfig(r=ctx.lcfg.rank, lora_alpha=ctx.lcfg.alpha,
-                             target_modules=list(ctx.lcfg.targets),
-                             lora_dropout=0.0, bias="none")
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for i, blk in enumerate(model.base_model.model.blocks):
-            for name in ctx.lcfg.targets:
-                layer = getattr(blk, name)
-                a, b = ctx.lora[f"block_{i}/{name}"]
-                layer.lora_A["default"].weight.copy_(torch.from_numpy(a.T.copy()))
-                layer.lora_B["default"].weight.copy_(torch.from_numpy(b.T.copy()))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
-                            weight_decay=WEIGHT_DECAY)
-    xs, ys = torch.from_numpy(ctx.xs).long(), torch.from_numpy(ctx.ys).long()
-    lossf = torch.nn.functional.cross_entropy
+    def __init__(self, ctx: Context):
+        import torch
+        import peft
 
-    def loss_on(i):
-        logits = model(xs[i])
-        return lossf(logits.reshape(-1, logits.shape[-1]), ys[i].reshape(-1))
+        self.torch = torch
+        n_threads = len(os.sched_getaffinity(0))
+        torch.set_num_threads(n_threads)
+        torch.manual_seed(0)
+        base = models.TorchLM(ctx.cfg)
+        models.load_torch(base, ctx.params)
+        config = peft.LoraConfig(r=ctx.lcfg.rank, lora_alpha=ctx.lcfg.alpha,
+                                 target_modules=list(ctx.lcfg.targets),
+                                 lora_dropout=0.0, bias="none")
+        self.model = peft.get_peft_model(base, config)
+        with torch.no_grad():
+            for i, blk in enumerate(self.model.base_model.model.blocks):
+                for name in ctx.lcfg.targets:
+                    layer = getattr(blk, name)
+                    a, b = ctx.lora[f"block_{i}/{name}"]
+                    layer.lora_A["default"].weight.copy_(torch.from_numpy(a.T.copy()))
+                    layer.lora_B["default"].weight.copy_(torch.from_numpy(b.T.copy()))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=WEIGHT_DECAY)
+        self.xs = torch.from_numpy(ctx.xs).long()
+        self.ys = torch.from_numpy(ctx.ys).long()
+        self.model.train()
+        self.info = {"compile_s": None, "dense_w0_grad": None,
+                     "trainable_params": int(sum(p.numel() for p in self.params)),
+                     "notes": f"eager, torch.set_num_threads({n_threads}); "
+                              "AdamW state includes a per-param step tensor"}
 
-    model.train()
-    losses, times = [], []
-    for i in range(ctx.steps):
+    def _loss(self, i):
+        logits = self.model(self.xs[i])
+        return self.torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), self.ys[i].reshape(-1))
+
+    def step(self, i: int) -> tuple[float, float]:
         t = time.perf_counter()
-        loss = loss_on(i)
+        loss = self._loss(i)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - t)
-    with torch.no_grad():
-        loss_final = loss_on(0).item()
-    opt_bytes = sum(v.numel() * v.element_size()
-                    for st in opt.state.values() for v in st.values()
-                    if torch.is_tensor(v))
-    return {
-        "compile_s": None,
-        "first_step_s": times[0],
-        "step_times_s": times,
-        "losses": losses,
-        "loss_step0": losses[0],
-        "loss_final": loss_final,
-        "opt_state_bytes": int(opt_bytes),
-        "trainable_params": int(sum(p.numel() for p in params)),
-        "dense_w0_grad": None,  # n/a: frozen weights have requires_grad=False
-        "notes": f"eager, torch.set_num_threads({n_threads}); "
-                 "AdamW state includes a per-param step tensor",
-    }
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        return time.perf_counter() - t, value
+
+    def finish(self) -> dict:
+        with self.torch.no_grad():
+            loss_final = self._loss(0).item()
+        opt_bytes = sum(v.numel() * v.element_size()
+                        for st in self.opt.state.values() for v in st.values()
+                        if self.torch.is_tensor(v))
+        return {"loss_final": loss_final, "opt_state_bytes": int(opt_bytes)}
 
 
 # --------------------------------------------------------------------------
@@ -446,18 +451,18 @@ def run_peft(ctx: Context) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Peer:
     requires: tuple[str, ...]   # import names that must be installed
-    run: Callable[[Context], dict]
+    open: Callable[[Context], Any]   # a session: .info, .step(i), .finish()
 
 
 def _jax(setup_fn):
-    return lambda ctx: run_jax(setup_fn(ctx), ctx)
+    return lambda ctx: JaxSession(setup_fn(ctx), ctx)
 
 
 PEERS: dict[str, Peer] = {
     "jlora": Peer(("jax", "flax"), _jax(setup_jlora)),
     "qwix": Peer(("jax", "flax", "qwix"), _jax(setup_qwix)),
     "nnx_lora": Peer(("jax", "flax"), _jax(setup_nnx_lora)),
-    "peft": Peer(("torch", "peft"), run_peft),
+    "peft": Peer(("torch", "peft"), PeftSession),
 }
 
 
@@ -487,58 +492,126 @@ def make_context(args) -> Context:
                    steps=args.steps, warmup=args.warmup)
 
 
-def worker(lib: str, args) -> dict:
-    """Runs in the subprocess: one library, result as a dict."""
+def worker(lib: str, args) -> None:
+    """Runs in a library's own process: prepares the library, then steps when
+    the driver says so (one JSON line per reply on stdout)."""
+    def reply(obj):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
     ctx = make_context(args)
     res: dict = {"lib": lib, "versions": _versions(lib)}
     for mod in PEERS[lib].requires:
         try:
             importlib.import_module(mod)
-        except Exception:  # noqa: BLE001  (the runner reports it)
+        except Exception:  # noqa: BLE001  (the session reports it)
             pass
     res["rss_import_mb"] = _maxrss_mb()
     try:
         t = time.perf_counter()
-        out = PEERS[lib].run(ctx)
-        res["total_s"] = time.perf_counter() - t
+        session = PEERS[lib].open(ctx)
+        res["prepare_s"] = time.perf_counter() - t
     except Skip as e:
-        return {**res, "status": "skipped", "reason": str(e)}
+        return reply({**res, "status": "skipped", "reason": str(e)})
     except Exception as e:  # noqa: BLE001
-        return {**res, "status": "error", "reason": repr(e),
-                "traceback": traceback.format_exc()}
-    res.update(out)
-    res["status"] = "ok"
-    timed = res["step_times_s"][ctx.warmup:]
-    res["timed_steps"] = len(timed)
-    res["step_ms"] = 1e3 * statistics.median(timed) if timed else None
-    res["peak_rss_mb"] = _maxrss_mb()
-    return res
+        return reply({**res, "status": "error", "reason": repr(e),
+                      "traceback": traceback.format_exc()})
+    reply({**res, **session.info, "status": "ready"})
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "step":
+            seconds, loss = session.step(int(cmd[1]))
+            reply({"t": seconds, "loss": loss})
+        elif cmd[0] == "finish":
+            reply({**session.finish(), "peak_rss_mb": _maxrss_mb()})
+            return None
+    return None
 
 
-def spawn(lib: str, args) -> dict:
-    missing = [m for m in PEERS[lib].requires if importlib.util.find_spec(m) is None]
-    if missing:
-        return {"lib": lib, "status": "skipped",
-                "reason": f"not installed: {', '.join(missing)}"}
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.json")
+class _Worker:
+    """The driver's handle on one library's process."""
+
+    def __init__(self, lib: str, args):
+        self.lib = lib
         cmd = [sys.executable, os.path.abspath(__file__), "--_worker", lib,
-               "--_result", out, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--seed", str(args.seed)]
-        if args.quick:
-            cmd.append("--quick")
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True,
-                               timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            return {"lib": lib, "status": "error",
-                    "reason": f"timeout after {args.timeout}s"}
-        if p.returncode != 0 or not os.path.exists(out):
-            return {"lib": lib, "status": "error",
-                    "reason": f"worker exit {p.returncode}",
-                    "stderr_tail": p.stderr[-3000:]}
-        with open(out) as f:
-            return json.load(f)
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+
+    def ask(self, command: str | None = None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stderr.seek(0)
+            raise RuntimeError(f"worker exit {self.proc.wait()}: {self.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def run_interleaved(libs: list[str], args) -> list[dict]:
+    """One process per library; each is prepared (imports, compile) while the
+    others wait, then every round steps each library once, in a rotating
+    order, so drift in the machine's load hits all alike."""
+    results, workers = {}, {}
+    watchdog = threading.Timer(args.timeout, lambda: [w.close() for w in workers.values()])
+    watchdog.start()
+    try:
+        for lib in libs:
+            missing = [m for m in PEERS[lib].requires if importlib.util.find_spec(m) is None]
+            if missing:
+                results[lib] = {"lib": lib, "status": "skipped",
+                                "reason": f"not installed: {', '.join(missing)}"}
+                continue
+            print(f"[{lib}] preparing ...", file=sys.stderr, flush=True)
+            w = _Worker(lib, args)
+            try:
+                first = w.ask()
+            except RuntimeError as e:
+                first = {"lib": lib, "status": "error", "reason": str(e)}
+            if first.get("status") != "ready":
+                results[lib] = first
+                w.close()
+                continue
+            results[lib] = {**first, "step_times_s": [], "losses": []}
+            workers[lib] = w
+        ready = list(workers)
+        for i in range(args.steps):
+            for lib in ready[i % max(len(ready), 1):] + ready[:i % max(len(ready), 1)]:
+                if lib not in workers:
+                    continue
+                try:
+                    out = workers[lib].ask(f"step {i}")
+                except RuntimeError as e:
+                    results[lib].update(status="error", reason=str(e))
+                    workers.pop(lib).close()
+                    continue
+                results[lib]["step_times_s"].append(out["t"])
+                results[lib]["losses"].append(out["loss"])
+        for lib, w in list(workers.items()):
+            results[lib].update(w.ask("finish"))
+            w.close()
+    finally:
+        watchdog.cancel()
+        for w in workers.values():
+            w.close()
+    out = []
+    for lib in libs:
+        r = results[lib]
+        if r.get("status") == "ready":
+            timed = r["step_times_s"][args.warmup:]
+            r.update(status="ok", first_step_s=r["step_times_s"][0],
+                     loss_step0=r["losses"][0], timed_steps=len(timed),
+                     step_ms=1e3 * statistics.median(timed) if timed else None)
+        out.append(r)
+    return out
 
 
 def _fmt(v, spec):
@@ -576,10 +649,9 @@ def main(argv=None):
                     help="tiny model (ModelConfig.quick) for smoke tests")
     ap.add_argument("--json", metavar="OUT", help="write results as JSON here")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=1800,
-                    help="per-library subprocess timeout, seconds")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="the whole run's timeout, seconds")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
-    ap.add_argument("--_result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps is None:
         args.steps = 12 if args.quick else 50
@@ -587,9 +659,7 @@ def main(argv=None):
         ap.error("--steps must be >= 1")
 
     if args._worker:
-        res = worker(args._worker, args)
-        with open(args._result, "w") as f:
-            json.dump(res, f)
+        worker(args._worker, args)
         return 0
 
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
@@ -601,17 +671,14 @@ def main(argv=None):
               f"(< 10); step_ms is noisy", file=sys.stderr)
 
     cfg = models.ModelConfig.quick() if args.quick else models.ModelConfig()
-    results = []
-    for lib in libs:
-        print(f"[{lib}] running ...", file=sys.stderr, flush=True)
-        r = spawn(lib, args)
+    results = run_interleaved(libs, args)
+    for r in results:
         if r["status"] == "skipped":
-            print(f"[{lib}] skipped: {r['reason']}", file=sys.stderr)
+            print(f"[{r['lib']}] skipped: {r['reason']}", file=sys.stderr)
         elif r["status"] == "error":
-            print(f"[{lib}] error: {r['reason']}\n"
-                  f"{r.get('traceback') or r.get('stderr_tail', '')}",
+            print(f"[{r['lib']}] error: {r['reason']}\n{r.get('traceback', '')}",
                   file=sys.stderr)
-        results.append(r)
+    print(f"{harness.machine()}; median of {args.steps - args.warmup} interleaved rounds")
     print_table(results)
 
     if args.json:
@@ -622,9 +689,7 @@ def main(argv=None):
                           "weight_decay": WEIGHT_DECAY},
             "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
             "quick": args.quick,
-            "machine": {"python": platform.python_version(),
-                        "platform": platform.platform(),
-                        "cpus": len(os.sched_getaffinity(0))},
+            "machine": {"python": platform.python_version(), **harness.machine_info()},
             "results": results,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -2,14 +2,16 @@
 
 The core is at the top level: ``LoraSpec``, ``lora_transform``, ``lora``,
 ``merge``/``unmerge``, ``optimizer``, ``summary``, ``infer_layouts``, banks of
-adapters and ``combine``, and the errors. The file formats are namespaces:
-``jlora.orbax`` (adapters and training checkpoints), ``jlora.peft`` (PEFT
-adapter folders) and ``jlora.base`` (base-parameter files).
+adapters and ``combine``, ``quantize``/``dequantize``, and the errors. The
+file formats are namespaces: ``jlora.orbax`` (adapters and training
+checkpoints), ``jlora.peft`` (PEFT adapter folders), ``jlora.base``
+(base-parameter files, quantized or not) and ``jlora.bnb`` (Hugging Face
+bitsandbytes 4-bit checkpoints).
 """
 
 from importlib import metadata as _metadata
 
-from jlora import base, orbax, peft
+from jlora import base, bnb, orbax, peft
 from jlora._paths import path_str
 from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
@@ -23,6 +25,8 @@ from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
+from jlora.plan import Plan, plan
+from jlora.sharding import TrainShardings, shardings
 from jlora.spec import LoraSpec
 from jlora.summary import LoraSummary, summary
 from jlora.quant import NF4Array, dequantize, quantize
@@ -50,6 +54,10 @@ __all__ = [
     "lora_plus",
     "lora_fa",
     "freeze_a",
+    "shardings",
+    "TrainShardings",
+    "plan",
+    "Plan",
     "summary",
     "LoraSummary",
     "MemoryTable",
@@ -80,6 +88,7 @@ __all__ = [
     "LoraMaterializeWarning",
     # file formats
     "base",
+    "bnb",
     "orbax",
     "peft",
 ]

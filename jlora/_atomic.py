@@ -245,6 +245,27 @@ def replace(path: PathLike, write: Callable[[pathlib.Path], None], *, overwrite:
     ('bye', ['hello.txt'])
   """
   path = pathlib.Path(path).absolute()
+  prepare(path, overwrite=overwrite, owned=owned, what=what, error=error)
+  tmp = staged(path, "tmp")
+  try:
+    write(tmp)
+    commit(tmp, path)
+  except LoraFileError:
+    raise
+  except OSError as e:
+    raise error(os_error(e, path, f"write {what}")) from None
+  except Exception as e:  # a library's own error type (tensorstore, safetensors)
+    raise error(library_error(e, path, f"write {what}")) from e
+  finally:
+    drop_staging(path, tmp)
+  return path
+
+
+def prepare(path: pathlib.Path, *, overwrite: bool,
+            owned: Callable[[pathlib.Path], bool] | None, what: str,
+            error: type[LoraFileError]) -> None:
+  """Before a write: finishes or cleans up what a killed one left, checks
+  that ``path`` may be replaced, creates its folder."""
   try:
     recover(path)
     if exists(path) and not is_empty_dir(path):
@@ -259,31 +280,101 @@ def replace(path: PathLike, write: Callable[[pathlib.Path], None], *, overwrite:
       raise NotADirectoryError(errno.ENOTDIR, "not a directory", os.fspath(path.parent))
   except OSError as e:
     raise error(os_error(e, path, f"write {what}")) from None
-  tmp = staged(path, "tmp")
+
+
+def commit(tmp: pathlib.Path, path: pathlib.Path) -> None:
+  """After a write: flushes the complete ``tmp`` and swaps it in at ``path``."""
+  fsync_tree(tmp)
+  new = staged(path, "new")
+  os.rename(tmp, new)
   try:
-    write(tmp)
-    fsync_tree(tmp)
-    new = staged(path, "new")
-    os.rename(tmp, new)
-    try:
-      _put_in_place(new, path)
-    finally:
-      if exists(new):
-        remove(new)
-  except LoraFileError:
-    raise
-  except OSError as e:
-    raise error(os_error(e, path, f"write {what}")) from None
-  except Exception as e:  # a library's own error type (tensorstore, safetensors)
-    raise error(library_error(e, path, f"write {what}")) from e
+    _put_in_place(new, path)
   finally:
-    for left in leftovers(path)["tmp"]:   # ours and what orbax staged beside it
-      if left.name.startswith(tmp.name):
-        try:
-          remove(left)
-        except OSError:
-          pass
+    if exists(new):
+      remove(new)
+
+
+def drop_staging(path: pathlib.Path, tmp: pathlib.Path) -> None:
+  """Deletes ``tmp`` and what a library staged beside it, if still there."""
+  for left in leftovers(path)["tmp"]:   # ours and what orbax staged beside it
+    if left.name.startswith(tmp.name):
+      try:
+        remove(left)
+      except OSError:
+        pass
+
+
+def replace_collective(path: PathLike, *, write_all: Callable[[pathlib.Path], None] | None = None,
+                       write_primary: Callable[[pathlib.Path], None] | None = None,
+                       overwrite: bool, owned: Callable[[pathlib.Path], bool] | None = None,
+                       what: str = "file", error: type[LoraFileError] = LoraFileError,
+                       op: str = "jlora save") -> pathlib.Path:
+  """``replace`` when several JAX processes write one target together.
+
+  Every process calls it. Process 0 alone checks and cleans up (``prepare``)
+  and picks the staging name, which every process then receives;
+  ``write_all(staging)`` runs on every process (a collective write, such as
+  orbax's, where each process writes its shards); ``write_primary(staging)``
+  then runs on process 0 (a manifest, or the whole write when the data were
+  gathered first), which swaps the result in place (``commit``). Every
+  process returns the path or raises process 0's error, so the guarantees
+  of ``replace`` hold: the old version or the new one, never a mix, and
+  nothing jlora did not write is replaced. They assume that every process
+  sees one POSIX file system at ``path`` (a local disk for processes of one
+  machine, or NFS and the like): object stores have no atomic rename.
+
+  With one process it is ``replace``.
+  """
+  from jlora import _multihost
+  sync = _multihost.Op(op)
+  if not sync.multiprocess:
+    def write(staging: pathlib.Path) -> None:
+      if write_all is not None:
+        write_all(staging)
+      if write_primary is not None:
+        write_primary(staging)
+    return replace(path, write, overwrite=overwrite, owned=owned, what=what, error=error)
+  path = pathlib.Path(path).absolute()
+
+  def plan() -> str:
+    prepare(path, overwrite=overwrite, owned=owned, what=what, error=error)
+    return staged(path, "tmp").name
+
+  tmp = path.parent / sync.on_primary("prepare", plan, error)
+  failure: BaseException | None = None
+  if write_all is not None:
+    try:
+      write_all(tmp)
+    except Exception as e:  # reported by process 0 for all, or raised here
+      failure = e
+      if sync.index != 0:
+        raise _wrap(e, path, what, error) from e
+
+  def finish() -> None:
+    try:
+      if failure is not None:
+        raise failure
+      if write_primary is not None:
+        write_primary(tmp)
+      commit(tmp, path)
+    except LoraFileError:
+      raise
+    except Exception as e:
+      raise _wrap(e, path, what, error) from e
+    finally:
+      drop_staging(path, tmp)
+
+  sync.on_primary("commit", finish, error)
   return path
+
+
+def _wrap(e: BaseException, path: pathlib.Path, what: str,
+          error: type[LoraFileError]) -> LoraFileError:
+  if isinstance(e, LoraFileError):
+    return e
+  if isinstance(e, OSError):
+    return error(os_error(e, path, f"write {what}"))
+  return error(library_error(e, path, f"write {what}"))
 
 
 def library_error(e: Exception, path: PathLike, action: str) -> str:

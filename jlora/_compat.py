@@ -167,3 +167,15 @@ def last_uses(jaxpr: Any) -> dict[int, list[Any]]:
     if v not in outs:
       by_eqn.setdefault(i, []).append(v)
   return by_eqn
+
+
+def distributed_state() -> tuple[Any, int, int]:
+  """``(client, process_index, process_count)`` of ``jax.distributed``,
+  without starting a backend: ``(None, 0, 1)`` when it was not initialised
+  (one process). The client has ``key_value_set``,
+  ``blocking_key_value_get`` and ``wait_at_barrier``, with timeouts."""
+  from jax._src import distributed
+  state = distributed.global_state
+  if state.client is None:
+    return None, 0, 1
+  return state.client, int(state.process_id or 0), int(state.num_processes or 1)

@@ -12,11 +12,21 @@ forms, chosen by the path's suffix:
   also reads) and ``params_meta/`` (JSON: each parameter's path, shape and
   dtype, in the tree's leaf order).
 
+A quantized weight (a ``jlora.NF4Array`` leaf, from ``jlora.quantize``) is
+stored as its arrays, ``codes``, ``absmax`` and with double quantization
+``nested_absmax`` and ``offset``: in a safetensors file under
+``<path>.nf4.<array>`` (``params/fc1/kernel.nf4.codes``), with its shape,
+dtype, layout and block size in the metadata entry ``jlora.quantized``; in
+an orbax checkpoint as a dict of those arrays at the weight's path, with the
+same facts in its ``params_meta`` row (version 2). A read gives back the
+``NF4Array`` exactly: the same bytes, the same static fields.
+
 A plain orbax PyTree checkpoint directory (as
 ``StandardCheckpointer().save(path, params)`` writes it) and a safetensors
 file written by other tools are read too, as long as the keys are the
-'/'-joined paths. Only JSON, orbax and safetensors are read: nothing is
-unpickled and no code from a file runs.
+'/'-joined paths. A Hugging Face bitsandbytes 4-bit checkpoint is keyed by
+PyTorch module names instead: ``jlora.bnb.load`` reads it. Only JSON, orbax
+and safetensors are read: nothing is unpickled and no code from a file runs.
 """
 
 from __future__ import annotations
@@ -32,19 +42,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _atomic
-from jlora.errors import LoraFileError
+from jlora import _atomic, _compat, _multihost
+from jlora.errors import LoraError, LoraFileError
 from jlora._paths import flatten_with_paths
 from jlora.orbax import manifest
+from jlora.quant import nf4
+from jlora.quant.nf4 import NF4Array
 
 PathLike = str | os.PathLike
 
 _PARAMS, _PARAMS_META = "params", "params_meta"
 _PARAMS_FORMAT = "jlora.params"
-_PARAMS_VERSION = 1
+# Version 2 rows may describe a quantized weight; a base without one is still
+# written as version 1, which earlier readers read.
+_PARAMS_VERSION, _PARAMS_VERSIONS = 2, (1, 2)
 # Keys of a safetensors file's metadata (string -> string): the format is
 # jlora's mark; the leaf order and a SHA-256 per tensor are checked on read.
 _ST_FORMAT, _ST_PATHS, _ST_SHA256 = "format", "jlora.paths", "jlora.sha256"
+# path -> {shape, dtype, quant, block_size, double_quant, layout} of each NF4 weight,
+# and the SHA-256 of that entry (the tensors' checksums do not cover it).
+_ST_QUANT, _ST_QUANT_SHA256 = "jlora.quantized", "jlora.quantized.sha256"
+# A quantized weight's arrays are stored under "<path>.nf4.<array>".
+_NF4_KEY = ".nf4."
 
 
 def _ocp():
@@ -105,8 +124,43 @@ def _describe(shape: Any, dtype: Any) -> str:
   return f"shape {tuple(shape)} dtype {jnp.dtype(dtype).name}"
 
 
+def _describe_leaf(x: Any) -> str:
+  if isinstance(x, NF4Array):
+    return (f"NF4 ({_describe(x.shape, x.dtype)}, block size {x.block_size}, "
+            f"{'double quantization, ' if x.double_quant else ''}{x.layout})")
+  return _describe(x.shape, x.dtype)
+
+
 def _params_rows(pairs: Sequence[tuple[str, Any]]) -> list[list[Any]]:
-  return [[p, [int(d) for d in leaf.shape], jnp.dtype(leaf.dtype).name] for p, leaf in pairs]
+  """[path, shape, dtype] per leaf, and the NF4 metadata of a quantized one."""
+  return [[p, [int(d) for d in leaf.shape], jnp.dtype(leaf.dtype).name]
+          + ([nf4.file_metadata(leaf)] if isinstance(leaf, NF4Array) else [])
+          for p, leaf in pairs]
+
+
+def _nf4_parts(q: NF4Array) -> dict[str, Any]:
+  """name -> array of the fields an NF4Array holds (None fields left out)."""
+  return {name: getattr(q, name) for name in nf4.PARTS if getattr(q, name) is not None}
+
+
+def _is_concrete(x: Any) -> bool:
+  return (hasattr(x, "shape") and hasattr(x, "dtype")
+          and not isinstance(x, jax.ShapeDtypeStruct) and not _compat.is_tracer(x))
+
+
+def _stored(pairs: Sequence[tuple[str, Any]], sep: str) -> dict[str, Any]:
+  """key -> array of everything a base writes: a dense leaf under its path, an
+  NF4 weight's arrays under ``<path><sep><array>``; refuses a key met twice."""
+  out: dict[str, Any] = {}
+  for p, leaf in pairs:
+    items = ([(f"{p}{sep}{name}", x) for name, x in _nf4_parts(leaf).items()]
+             if isinstance(leaf, NF4Array) else [(p, leaf)])
+    for key, x in items:
+      if key in out:
+        raise LoraFileError(f"'{key}' names both a parameter and an array of the NF4 weight "
+                            f"'{key.rpartition(sep)[0]}'; cannot store both")
+      out[key] = x
+  return out
 
 
 def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Path:
@@ -120,7 +174,10 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
   tensor, or of each file), which readers verify. The write is atomic: a
   reader finds the old base or the new one whatever point a kill interrupts
   it at, and ``overwrite`` replaces only a base jlora wrote (see the module
-  docstring for the layout).
+  docstring for the layout). With several JAX processes every process calls
+  it, as ``jlora.orbax.save``: process 0 checks, writes the manifest (or
+  the whole safetensors file, from arrays gathered to every process) and
+  swaps the result in.
 
   Args:
     path: the file or directory to create.
@@ -153,31 +210,45 @@ def save(path: PathLike, params: Any, *, overwrite: bool = False) -> pathlib.Pat
     if p in seen:
       raise LoraFileError(f"two parameters are both named '{p}'; cannot store by path")
     seen.add(p)
-    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype") or isinstance(
-        leaf, jax.ShapeDtypeStruct):
-      raise LoraFileError(f"'{p}': expected an array, got {type(leaf).__name__}")
+    arrays = _nf4_parts(leaf).values() if isinstance(leaf, NF4Array) else [leaf]
+    if not all(_is_concrete(x) for x in arrays):
+      what = "an abstract NF4Array" if isinstance(leaf, NF4Array) else type(leaf).__name__
+      raise LoraFileError(f"'{p}': expected an array, got {what}")
   if not pairs:
     raise LoraFileError("params holds no arrays; nothing to save")
   rows = _params_rows(pairs)
+  quantized = {row[0]: {"shape": row[1], "dtype": row[2], **row[3]} for row in rows
+               if len(row) > 3}
   if is_safetensors(path):
+    # One file: with several processes, the arrays are gathered to every
+    # process (a collective) and process 0 alone writes it.
     from safetensors.flax import save_file
-    tensors = {p: jnp.asarray(leaf) for p, leaf in pairs}
+    stored = _stored(pairs, _NF4_KEY)
+    if _multihost.process_count() > 1:
+      stored = dict(zip(stored, _multihost.gather_to_host(list(stored.values()))))
+    tensors = {k: jnp.asarray(x) for k, x in stored.items()}
     metadata = {_ST_FORMAT: _PARAMS_FORMAT, _ST_PATHS: json.dumps([p for p, _ in pairs]),
-                _ST_SHA256: json.dumps({p: _sha256(x) for p, x in tensors.items()})}
-    return _atomic.replace(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
-                           overwrite=overwrite, owned=is_owned, what="base")
-  nested = _nest(dict(pairs))
+                _ST_SHA256: json.dumps({k: _sha256(x) for k, x in tensors.items()})}
+    if quantized:
+      metadata[_ST_QUANT] = json.dumps(quantized)
+      metadata[_ST_QUANT_SHA256] = hashlib.sha256(metadata[_ST_QUANT].encode()).hexdigest()
+    return _atomic.replace_collective(
+        path, write_primary=lambda tmp: save_file(tensors, os.fspath(tmp), metadata=metadata),
+        overwrite=overwrite, owned=is_owned, what="base", op="jlora.base.save")
+  nested = _nest(_stored(pairs, "/"))
   ocp = _ocp()
-  meta = {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION, "params": rows}
+  meta = {"format": _PARAMS_FORMAT, "version": _PARAMS_VERSION if quantized else 1,
+          "params": rows}
   args = ocp.args.Composite(**{_PARAMS: ocp.args.StandardSave(nested),
                                _PARAMS_META: ocp.args.JsonSave(meta)})
 
-  def write(tmp: pathlib.Path) -> None:
+  def write(tmp: pathlib.Path) -> None:   # every process writes its shards
     with _quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, args=args)
-    manifest.write(tmp, _PARAMS_FORMAT)
 
-  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned, what="base")
+  return _atomic.replace_collective(
+      path, write_all=write, write_primary=lambda tmp: manifest.write(tmp, _PARAMS_FORMAT),
+      overwrite=overwrite, owned=is_owned, what="base", op="jlora.base.save")
 
 
 def read(path: PathLike, what: str = "base") -> collections.OrderedDict:
@@ -214,7 +285,17 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
     with safe_open(os.fspath(path), "flax") as f:
       keys = list(f.keys())
       metadata = f.metadata() or {}
+      if metadata.get(_ST_FORMAT) != _PARAMS_FORMAT:
+        from jlora import bnb
+        state = next((k for k in keys if bnb.is_quant_state_key(k)), None)
+        if state is not None:
+          raise LoraFileError(
+              f"'{path}' is a bitsandbytes 4-bit checkpoint (it has '{state}'), keyed by "
+              f"PyTorch module names, not a base keyed by parameter paths: read it with "
+              f"jlora.bnb.load(path, like, rules)")
       tensors = {k: f.get_tensor(k) for k in keys}
+  except LoraFileError:
+    raise
   except Exception as e:  # safetensors raises its own (non-OSError) types
     raise LoraFileError(f"'{path}' is not a {what}: not a readable safetensors file "
                         f"({' '.join(str(e).split())})") from None
@@ -230,26 +311,59 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
         order = None
     order = order or canonical_order(keys)
     return collections.OrderedDict((k, tensors[k]) for k in order)
-  # jlora's: the order and every tensor's checksum must hold.
+  # jlora's: the order, the quantized weights' arrays and every tensor's checksum must hold.
+  damaged = (f"'{path}' is damaged: its jlora metadata (leaf order, quantized weights, "
+             f"checksums) does not match its tensors")
   try:
     order = json.loads(metadata.get(_ST_PATHS) or "null")
     sums = json.loads(metadata.get(_ST_SHA256) or "null")
-  except (ValueError, RecursionError):
-    order = sums = None
-  if (not isinstance(order, list) or sorted(order) != sorted(keys)
+    raw = metadata.get(_ST_QUANT)
+    if raw is not None and hashlib.sha256(raw.encode()).hexdigest() != metadata.get(
+        _ST_QUANT_SHA256):
+      raise LoraFileError(f"'{path}' is damaged: its quantized weights' metadata "
+                          f"('{_ST_QUANT}') fails its checksum")
+    quantized = json.loads(raw or "{}")
+    expected = [p for p in order if p not in quantized]
+    for p, info in quantized.items():
+      if p not in order:
+        raise ValueError(p)
+      expected += [f"{p}{_NF4_KEY}{name}" for name in nf4.part_specs(
+          info["shape"], nf4.layout_of(info), info["block_size"], info["double_quant"])]
+  except LoraFileError:
+    raise
+  except (ValueError, RecursionError, TypeError, KeyError, AttributeError, LoraError):
+    raise LoraFileError(damaged) from None
+  if (len(set(order)) != len(order) or sorted(expected) != sorted(keys)
       or not isinstance(sums, dict) or sorted(sums) != sorted(keys)):
-    raise LoraFileError(f"'{path}' is damaged: its jlora metadata (leaf order, checksums) "
-                        f"does not match its tensors")
-  for k in order:
+    raise LoraFileError(damaged)
+  for k in keys:
     if _sha256(tensors[k]) != sums[k]:
       raise LoraFileError(f"'{path}' is damaged: tensor '{k}' fails its checksum (its SHA-256 "
                           f"differs from the one jlora recorded when writing it)")
-  return collections.OrderedDict((k, tensors[k]) for k in order)
+  out = collections.OrderedDict()
+  for p in order:
+    if p in quantized:
+      info = quantized[p]
+      parts = {k[len(p) + len(_NF4_KEY):]: x for k, x in tensors.items()
+               if k.startswith(p + _NF4_KEY)}
+      out[p] = nf4.from_file(parts, info["shape"], info["dtype"], info, f"'{path}': '{p}'",
+                             error=LoraFileError)
+    else:
+      out[p] = tensors[p]
+  return out
 
 
 def _abstract(shape: Sequence[int], dtype: str) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
                               sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def _row(row: Any) -> tuple[str, list[int], str, dict[str, Any] | None]:
+  """(path, shape, dtype, NF4 metadata or None) of a ``params_meta`` row."""
+  if not isinstance(row, list) or len(row) not in (3, 4):
+    raise LoraFileError(f"a '{_PARAMS_META}' row is not [path, shape, dtype(, quantization)]: "
+                        f"{str(row)[:100]}")
+  return row[0], row[1], row[2], row[3] if len(row) == 4 else None
 
 
 def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
@@ -261,11 +375,20 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
           **{_PARAMS_META: ocp.args.JsonRestore()}))[_PARAMS_META]
       if not isinstance(meta, dict) or meta.get("format") != _PARAMS_FORMAT:
         raise LoraFileError(f"'{path}': '{_PARAMS_META}' is not {_PARAMS_FORMAT} metadata")
-      if meta.get("version") != _PARAMS_VERSION:
+      if meta.get("version") not in _PARAMS_VERSIONS:
         raise LoraFileError(f"'{path}': {_PARAMS_FORMAT} version {meta.get('version')} is not "
-                            f"supported (this jlora reads version {_PARAMS_VERSION})")
-      rows = meta["params"]
-      target = _nest({p: _abstract(shape, dtype) for p, shape, dtype in rows})
+                            f"supported (this jlora reads versions "
+                            f"{', '.join(map(str, _PARAMS_VERSIONS))})")
+      rows = [_row(r) for r in meta["params"]]
+      abstract = {}
+      for p, shape, dtype, quant in rows:
+        if quant is None:
+          abstract[p] = _abstract(shape, dtype)
+          continue
+        specs = nf4.part_specs(shape, nf4.layout_of(quant), quant["block_size"],
+                               quant["double_quant"])
+        abstract.update({f"{p}/{name}": _abstract(s, d) for name, (s, d) in specs.items()})
+      target = _nest(abstract)
       nested = ckptr.restore(path, args=ocp.args.Composite(
           **{_PARAMS: ocp.args.StandardRestore(target)}))[_PARAMS]
   except LoraFileError:
@@ -275,7 +398,12 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
                         f"{' '.join(str(e).split())}); it is incomplete or corrupted") from e
   flat = dict(flatten_with_paths(nested)[0])
   out = collections.OrderedDict()
-  for p, shape, dtype in rows:
+  for p, shape, dtype, quant in rows:
+    if quant is not None:
+      parts = {k[len(p) + 1:]: x for k, x in flat.items() if k.startswith(p + "/")}
+      out[p] = nf4.from_file(parts, shape, dtype, quant, f"'{path}': '{p}'",
+                             error=LoraFileError)
+      continue
     leaf = flat.get(p)
     if leaf is None or list(leaf.shape) != list(shape) or jnp.dtype(leaf.dtype).name != dtype:
       raise LoraFileError(f"'{path}': '{p}' is missing or is not {_describe(shape, dtype)}")
@@ -305,8 +433,11 @@ def load(path: PathLike, like: Any = None) -> Any:
       (``jlora.base.save``'s, or a plain orbax PyTree checkpoint).
     like: optional tree (concrete or ``jax.ShapeDtypeStruct`` leaves) whose
       structure the result takes; every one of its paths must be in the
-      file with the same shape and dtype. Without it, the parameters come
-      back as nested dicts keyed by path segment.
+      file with the same shape and dtype. A quantized weight in the file
+      (an ``NF4Array``) comes back quantized where ``like`` has the dense
+      weight it stands for (same shape and dtype) or an ``NF4Array`` with
+      the same layout and block size. Without ``like``, the parameters
+      come back as nested dicts keyed by path segment.
 
   Returns:
     The parameter tree.
@@ -330,8 +461,12 @@ def load(path: PathLike, like: Any = None) -> Any:
       raise LoraFileError(f"'{path}' has no parameter '{p}'")
     got = flat[p]
     if tuple(got.shape) != tuple(leaf.shape) or got.dtype != leaf.dtype:
-      raise LoraFileError(f"'{path}': '{p}' is {_describe(got.shape, got.dtype)}, expected "
-                     f"{_describe(leaf.shape, leaf.dtype)}")
+      raise LoraFileError(f"'{path}': '{p}' is {_describe_leaf(got)}, expected "
+                          f"{_describe_leaf(leaf)}")
+    if isinstance(leaf, NF4Array) and (
+        not isinstance(got, NF4Array) or nf4.file_metadata(got) != nf4.file_metadata(leaf)):
+      raise LoraFileError(f"'{path}': '{p}' is {_describe_leaf(got)}, expected "
+                          f"{_describe_leaf(leaf)}")
     leaves.append(got)
   unused = sorted(set(flat) - {p for p, _ in pairs})
   if unused:
@@ -380,7 +515,9 @@ def is_base(path: PathLike) -> bool:
 
 
 def describe(path: PathLike) -> dict[str, Any]:
-  """What a base file holds: each parameter's path, shape and dtype.
+  """What a base file holds: each parameter's path, shape and dtype, and for a
+  quantized one its format and bytes; the totals of quantized and dense
+  parameters.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, jlora
@@ -388,16 +525,53 @@ def describe(path: PathLike) -> dict[str, Any]:
     >>> info = jlora.base.describe(f)
     >>> info["params"], info["elements"], info["tensors"]
     (1, 6, [{'path': 'w', 'shape': [2, 3], 'dtype': 'float32'}])
+    >>> q = jlora.quantize({"kernel": jnp.ones((128, 64)), "bias": jnp.ones(64)})
+    >>> info = jlora.base.describe(jlora.base.save(f"{tempfile.mkdtemp()}/q.safetensors", q))
+    >>> info["quantized"], info["dense"]["tensors"]
+    ({'tensors': 1, 'elements': 8192, 'bytes': 4232, 'bits_per_param': 4.1328125}, 1)
   """
   flat = read(path, "params checkpoint")
-  dtypes = collections.Counter(jnp.dtype(x.dtype).name for x in flat.values())
-  return {"path": str(pathlib.Path(path).absolute()), "format": "params",
+  info = {"path": str(pathlib.Path(path).absolute()), "format": "params",
           "format_detail": "parameters (a base or a merged model): " +
                            ("safetensors file" if pathlib.Path(path).is_file()
-                            else "orbax checkpoint"),
-          "params": len(flat), "elements": int(sum(x.size for x in flat.values())),
-          "bytes": int(sum(x.size * x.dtype.itemsize for x in flat.values())),
-          "dtypes": dict(dtypes),
-          "tensors": [{"path": p, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name}
-                      for p, x in flat.items()]}
+                            else "orbax checkpoint")}
+  info.update(summarize([(p, x.shape, x.dtype, _nbytes(x),
+                          nf4.file_metadata(x) if isinstance(x, NF4Array) else None)
+                         for p, x in flat.items()]))
+  return info
 
+
+def _nbytes(x: Any) -> int:
+  if isinstance(x, NF4Array):
+    return int(x.nbytes)
+  return int(x.size * jnp.dtype(x.dtype).itemsize)
+
+
+def summarize(entries: Sequence[tuple[str, Any, Any, int, dict[str, Any] | None]]
+              ) -> dict[str, Any]:
+  """The counts ``describe`` reports, from ``(name, shape, dtype, stored bytes,
+  NF4 metadata or None)`` per parameter (also for ``jlora.bnb.describe``)."""
+  tensors, totals = [], {True: [0, 0, 0], False: [0, 0, 0]}
+  dtypes: collections.Counter = collections.Counter()
+  dequantized = 0
+  for name, shape, dtype, nbytes, quant in entries:
+    size = int(np.prod(shape, dtype=np.int64))
+    dtype = jnp.dtype(dtype).name
+    dtypes[dtype] += 1
+    dequantized += size * jnp.dtype(dtype).itemsize
+    row = {"path": name, "shape": [int(d) for d in shape], "dtype": dtype}
+    if quant is not None:
+      row["quant"] = {"type": quant["quant"], "block_size": quant["block_size"],
+                      "double_quant": quant["double_quant"], "bytes": nbytes,
+                      "bits_per_param": 8 * nbytes / max(size, 1)}
+    tensors.append(row)
+    t = totals[quant is not None]
+    t[0], t[1], t[2] = t[0] + 1, t[1] + size, t[2] + nbytes
+  q, d = totals[True], totals[False]
+  return {"params": q[0] + d[0], "elements": q[1] + d[1], "bytes": q[2] + d[2],
+          "bits_per_param": 8 * (q[2] + d[2]) / max(q[1] + d[1], 1), "dtypes": dict(dtypes),
+          "quantized": ({"tensors": q[0], "elements": q[1], "bytes": q[2],
+                         "bits_per_param": 8 * q[2] / max(q[1], 1)} if q[0] else None),
+          "dense": {"tensors": d[0], "elements": d[1], "bytes": d[2]},
+          "dequantized_bytes": dequantized,
+          "tensors": tensors}

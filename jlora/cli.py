@@ -1,22 +1,26 @@
-"""The ``jlora`` command line: inspect, merge and convert adapters as files.
+"""The ``jlora`` command line: inspect, merge and convert adapters, quantize bases.
 
 ::
 
   jlora inspect PATH [--json]
   jlora merge --base BASE --adapter ADAPTER --out OUT [--format orbax|safetensors]
   jlora convert SRC DST --to peft|orbax [--rules generic|gpt2|scanned] [--base BASE]
+  jlora quantize BASE OUT [--targets REGEX] [--block-size N] [--no-double-quant]
 
 An *adapter* is either a jlora orbax adapter directory (``jlora.orbax.save``
 or a ``CheckpointManager`` step) or a PEFT LoRA folder (``jlora.peft.save`` or
 PyTorch PEFT's ``save_pretrained``).
 
 A *base* (the parameters an adapter is applied to) is a file or directory
-written by ``jlora.base.save``; ``merge`` writes its output in the same
-forms, so a merged model is again a base.
+written by ``jlora.base.save``, quantized (NF4) or not; ``merge`` and
+``quantize`` write their output in the same forms, so a merged or quantized
+model is again a base. ``inspect`` also describes a Hugging Face
+bitsandbytes 4-bit checkpoint (``jlora.bnb``).
 
 This module only parses arguments and renders what the formats
-(``jlora.orbax``, ``jlora.peft``, ``jlora.base``) describe. Only JSON, orbax
-and safetensors are read: nothing is unpickled and no code from a file runs.
+(``jlora.orbax``, ``jlora.peft``, ``jlora.base``, ``jlora.bnb``) describe.
+Only JSON, orbax and safetensors are read: nothing is unpickled and no code
+from a file runs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from jlora import base as base_files
+from jlora import bnb
 from jlora import orbax as jorbax
 from jlora import peft
 from jlora.errors import LoraError, LoraFileError, LoraPeftError
@@ -43,6 +48,7 @@ from jlora.layout import Layout
 from jlora.adapter import is_adapter
 from jlora.orbax import fingerprint
 from jlora.peft import axes as peft_axes
+from jlora.quant.nf4 import NF4Array
 
 PathLike = str | os.PathLike
 
@@ -51,13 +57,14 @@ PathLike = str | os.PathLike
 
 
 def _kind(path: PathLike) -> str:
-  """'jlora' (orbax adapter), 'peft' (folder) or 'params'; else a LoraFileError."""
+  """'jlora' (orbax adapter), 'peft' (folder), 'params' or 'bnb' (a bitsandbytes
+  4-bit checkpoint); else a LoraFileError."""
   p = pathlib.Path(path)
   if not p.exists():
     raise LoraFileError(f"'{path}' does not exist")
   if p.is_file():
     if base_files.is_safetensors(p):
-      return "params"
+      return "bnb" if bnb.is_checkpoint(p) else "params"
     if peft.is_adapter(p.parent):
       raise LoraFileError(f"'{path}' is a file of a PEFT folder; pass the folder '{p.parent}'")
     raise LoraFileError(f"'{path}' is a file, not an adapter: expected a jlora adapter "
@@ -70,6 +77,8 @@ def _kind(path: PathLike) -> str:
     return "peft-bank"
   if base_files.is_base(p):
     return "params"
+  if bnb.is_checkpoint(p):
+    return "bnb"
   if any(c.name.isdigit() and jorbax.is_adapter(c) for c in p.iterdir()):
     raise LoraFileError(f"'{path}' is a CheckpointManager directory, not an adapter: pass "
                         f"one of its steps ('{p / 'STEP'}')")
@@ -81,6 +90,8 @@ def _adapter_kind(path: PathLike) -> str:
   kind = _kind(path)
   if kind == "params":
     raise LoraFileError(f"'{path}' is a params checkpoint (a base), not an adapter")
+  if kind == "bnb":
+    raise LoraFileError(f"'{path}' is a bitsandbytes 4-bit checkpoint (a base), not an adapter")
   if kind == "peft-bank":
     names = ", ".join(a["name"] for a in peft.describe_bank(path)["adapters"])
     raise LoraFileError(f"'{path}' holds several PEFT adapters ({names}); pass one adapter's "
@@ -202,13 +213,11 @@ def _format_inspect(info: dict[str, Any]) -> str:
       lines.append(f"adapter {adapter['name']!r}:")
       lines += ["  " + line for line in _format_inspect(adapter).splitlines()]
     return "\n".join(lines)
-  if info["format"] == "params":
-    dtypes = ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())
-    lines.append(f"parameters: {info['params']} tensors, {info['elements']:,} elements, "
-                 f"{info['bytes']:,} bytes ({dtypes})")
-    rows = [["path", "shape", "dtype"]] + [[t["path"], _shape_str(t["shape"]), t["dtype"]]
-                                           for t in info["tensors"]]
-    return "\n".join(lines + _table(rows))
+  if info["format"] in ("params", "bnb-4bit"):
+    if info["format"] == "bnb-4bit":
+      lines.append(f"on disk: {info['file_bytes']:,} bytes (with each weight's quant maps and "
+                   f"quant state)")
+    return "\n".join(lines + _format_params(info))
   spec = info["spec"]
   if spec is None:
     lines.append("spec: not stored")
@@ -263,10 +272,35 @@ def _format_inspect(info: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _format_params(info: dict[str, Any]) -> list[str]:
+  """The lines of a base (or a bitsandbytes checkpoint): totals, then a table."""
+  dtypes = ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())
+  lines = [f"parameters: {info['params']} tensors, {info['elements']:,} elements, "
+           f"{info['bytes']:,} bytes ({dtypes})"]
+  q, d = info["quantized"], info["dense"]
+  if q:
+    lines.append(f"quantized: {q['tensors']} tensors (NF4), {q['elements']:,} elements, "
+                 f"{q['bytes']:,} bytes, {q['bits_per_param']:.3f} bits per parameter")
+    lines.append(f"dense: {d['tensors']} tensors, {d['elements']:,} elements, {d['bytes']:,} "
+                 f"bytes; {info['bits_per_param']:.3f} bits per parameter in all, "
+                 f"{info['dequantized_bytes']:,} bytes dequantized")
+  header = ["path", "shape", "dtype"] + (["stored"] if q else [])
+  rows = [header]
+  for t in info["tensors"]:
+    row = [t["path"], _shape_str(t["shape"]), t["dtype"]]
+    if q:
+      qt = t.get("quant")
+      row.append("dense" if qt is None else
+                 f"nf4, block {qt['block_size']}{', double quant' if qt['double_quant'] else ''}"
+                 f", {qt['bits_per_param']:.3f} bits")
+    rows.append(row)
+  return lines + _table(rows)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
   kind = _kind(args.path)
   info = {"jlora": jorbax.describe, "peft": peft.describe, "peft-bank": peft.describe_bank,
-          "params": base_files.describe}[kind](args.path)
+          "params": base_files.describe, "bnb": bnb.describe}[kind](args.path)
   print(json.dumps(info, indent=2) if args.json else _format_inspect(info))
   return 0
 
@@ -310,21 +344,28 @@ def _merge_trees(frozen: Any, trainable: Any, quiet: bool, check_finite: bool
       out[path] = jlora.merge({path: w0}, {path: t}, check_finite=check_finite)[path]
     elif t is not None:
       out[path] = t  # trained in full
+    elif isinstance(w0, NF4Array):
+      out[path] = w0.dequantize()   # a merged model is dense, as jlora.merge makes it
     else:
       out[path] = w0
   return out
 
 
+def _out_format(out: PathLike, fmt: str | None, flag: str) -> str:
+  """The format of a base to write: --format, or by the path's suffix."""
+  is_st = base_files.is_safetensors
+  fmt = fmt or ("safetensors" if is_st(out) else "orbax")
+  if fmt == "safetensors" and not is_st(out):
+    raise LoraFileError(f"--format safetensors: {flag} must end in .safetensors, got '{out}'")
+  if fmt == "orbax" and is_st(out):
+    raise LoraFileError(f"--format orbax: {flag} '{out}' ends in .safetensors; name the "
+                        f"checkpoint directory otherwise")
+  return fmt
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
   import jlora
-  is_st = base_files.is_safetensors
-  fmt = args.format or ("safetensors" if is_st(args.out) else "orbax")
-  if fmt == "safetensors" and not is_st(args.out):
-    raise LoraFileError(f"--format safetensors: --out must end in .safetensors, got "
-                        f"'{args.out}'")
-  if fmt == "orbax" and is_st(args.out):
-    raise LoraFileError(f"--format orbax: --out '{args.out}' ends in .safetensors; name the "
-                        f"checkpoint directory otherwise")
+  fmt = _out_format(args.out, args.format, "--out")
   out = _check_out(args.out, args.overwrite, {"--base": args.base, "--adapter": args.adapter})
   kind = _adapter_kind(args.adapter)
   if kind == "jlora" and (args.rules != "generic" or args.layout):
@@ -390,6 +431,54 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   return 0
 
 
+# -- quantize ------------------------------------------------------------------------
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+  import jlora
+  fmt = _out_format(args.out, args.format, "OUT")
+  out = _check_out(args.out, args.overwrite, {"BASE": args.base})
+  if args.targets is not None:
+    try:
+      re.compile(args.targets)
+    except re.error as e:
+      raise LoraFileError(f"--targets {args.targets!r} is not a valid regex: {e}") from None
+  base = base_files.read(args.base)
+  layouts = {}
+  for regex, layout in _parse_layouts(args.layout).items():
+    hits = [p for p in base if re.fullmatch(regex, p)]
+    if not hits:
+      raise LoraFileError(f"--layout {regex!r} matches no parameter of '{args.base}'")
+    for p in hits:
+      layouts.setdefault(p, layout)
+  from jlora.quant import default_target
+  for p, x in base.items():
+    chosen = (default_target(p, x) if args.targets is None
+              else re.fullmatch(args.targets, p) is not None)
+    if chosen and not isinstance(x, NF4Array) and x.ndim != 2 and p not in layouts:
+      raise LoraFileError(f"'{p}' {tuple(x.shape)}: cannot tell its input axes (along which "
+                          f"the quantization blocks run) from a {x.ndim}-D shape: pass "
+                          f"--layout '{re.escape(p)}=IN:OUT[:STACK]' (e.g. a stacked Dense "
+                          f"kernel (layers, in, out) is 1:2:0), or leave it out with --targets")
+  quantized = jlora.quantize(base, args.targets, block_size=args.block_size,
+                             double_quant=not args.no_double_quant, layouts=layouts)
+  new = [p for p, x in quantized.items()
+         if isinstance(x, NF4Array) and not isinstance(base[p], NF4Array)]
+  if not new:
+    raise LoraFileError(f"nothing to quantize in '{args.base}': no floating-point kernel of 2 "
+                        f"or more axes that is not quantized already (choose with --targets)")
+  written = base_files.save(out, quantized, overwrite=args.overwrite)
+
+  def nbytes(tree):
+    return sum(x.nbytes if isinstance(x, NF4Array) else x.size * x.dtype.itemsize
+               for x in tree.values())
+  dq = "" if args.no_double_quant else ", double quantization"
+  print(f"wrote {written} ({fmt}): {len(new)} of {len(quantized)} parameters quantized to "
+        f"NF4 (block size {args.block_size}{dq}); {nbytes(base):,} -> {nbytes(quantized):,} "
+        f"bytes")
+  return 0
+
+
 # -- the parser ----------------------------------------------------------------------
 
 
@@ -431,7 +520,7 @@ def _parser() -> argparse.ArgumentParser:
                           "the tensors' shapes (stack axes first, then in, then out)")
 
   parser = _Parser(prog="jlora", description="Inspect, merge and convert LoRA adapters "
-                   "(jlora orbax adapters and PEFT folders).")
+                   "(jlora orbax adapters and PEFT folders), and quantize bases to NF4.")
   parser.add_argument("--debug", action="store_true", default=False,
                       help="show the full traceback of an error")
   from jlora import __version__
@@ -442,8 +531,11 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser("inspect", parents=[common], help="describe an adapter (or a base)",
                      description="Describe an adapter: its format, spec, targets with ranks "
                      "and shapes, trainable count, bytes and (jlora adapters) the base "
-                     "fingerprint. Also reads a params checkpoint or .safetensors base.")
-  p.add_argument("path", help="a jlora adapter directory, a PEFT folder, or a base")
+                     "fingerprint. Also reads a params checkpoint or .safetensors base "
+                     "(quantized weights: NF4 format, bytes and bits per parameter) and a "
+                     "Hugging Face bitsandbytes 4-bit checkpoint.")
+  p.add_argument("path", help="a jlora adapter directory, a PEFT folder, a base, or a "
+                 "bitsandbytes 4-bit checkpoint (file or folder)")
   p.add_argument("--json", action="store_true", help="print JSON")
   p.set_defaults(func=_cmd_inspect)
 
@@ -478,6 +570,32 @@ def _parser() -> argparse.ArgumentParser:
                  "adapter_config.json")
   p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
   p.set_defaults(func=_cmd_convert)
+
+  p = sub.add_parser("quantize", parents=[common], help="store a base's weights in NF4 (QLoRA)",
+                     description="Store the selected weights of a base in 4-bit NormalFloat "
+                     "(jlora.quantize): the bytes bitsandbytes writes, 4.127 bits per "
+                     "parameter with double quantization. The output is again a base, with "
+                     "the other parameters as they were.")
+  p.add_argument("base", help="the base: an orbax params checkpoint directory or a "
+                 ".safetensors file; see jlora.base.save")
+  p.add_argument("out", help="the quantized base: NAME.safetensors or an orbax checkpoint "
+                 "directory")
+  p.add_argument("--targets", metavar="REGEX",
+                 help="the weights to quantize, a regex matched against the whole path "
+                      "(default: every floating-point kernel of 2 or more axes)")
+  p.add_argument("--block-size", type=int, default=64, metavar="N",
+                 help="values per absmax block (32, 64, ... 4096; default 64)")
+  p.add_argument("--no-double-quant", action="store_true",
+                 help="keep one float32 absmax per block (4.5 bits per parameter) instead of "
+                      "quantizing them to 8 bits (4.127)")
+  p.add_argument("--layout", action="append", metavar="REGEX=IN:OUT[:STACK]",
+                 help="the layout of the weights whose path matches REGEX (needed for stacked "
+                      "or multi-axis kernels; blocks run along the input axes), e.g. "
+                      "'params/layers/.*/kernel=1:2:0'")
+  p.add_argument("--format", choices=["orbax", "safetensors"],
+                 help="the output format (default: by OUT's suffix)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  p.set_defaults(func=_cmd_quantize)
   return parser
 
 

@@ -1,4 +1,5 @@
-"""Initialisations from W0 that move part of it into the adapter: PiSSA, OLoRA.
+"""Initialisations from W0 that move part of it into the adapter: PiSSA,
+OLoRA, LoftQ.
 
 Each returns the factors and the *residual* base the adapter is trained
 against, with ``W0 = residual + s B A``, so the adapted model starts equal
@@ -11,6 +12,11 @@ handled as its ``(fan_in, fan_out)`` matrix, per slice of its stack axes.
   SVD with N subspace iterations, for large layers.
 * OLoRA: a QR decomposition of W0's PyTorch-layout transpose,
   ``W0^T = Q R``: ``A = R_r^T``, ``B = Q_r^T``.
+* LoftQ (Li et al., 2023): for a base stored in NF4, alternately quantize
+  ``W0 - s B A`` and take ``s B A`` as the top r singular triplets of
+  ``W0 - dequantize(Q)``, so the quantized base plus the adapter start close
+  to W0; ``"loftq_iter_N"`` runs N rounds (``"loftq"``: one, PEFT's default).
+  The frozen base becomes the NF4Array ``Q``.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ from jlora.layout import Layout
 from jlora.lora_param import LoraParam
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
+_LOFTQ = re.compile(r"loftq(?:_iter_([1-9]\d*))?")
 
 
 def is_base_changing(init: str) -> bool:
   """Whether an init moves part of W0 into the adapter (returns a residual)."""
-  return init in ("pissa", "olora") or _NITER.fullmatch(init) is not None
+  return init in ("pissa", "olora") or _NITER.fullmatch(init) is not None or is_loftq(init)
+
+
+def is_loftq(init: str) -> bool:
+  return _LOFTQ.fullmatch(init) is not None
 
 
 def valid(init: str) -> bool:
@@ -93,6 +104,32 @@ def olora(w: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array, 
   return a, b, w - scale * (a @ b)
 
 
+def loftq(init: str, w0: jax.Array, layout: Layout, rank: int, scale: float,
+          dtype: Any, block_size: int = 64, double_quant: bool = True):
+  """``(a, b, q)``: factors in ``dtype`` and the NF4Array base, by LoftQ.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))
+    >>> a, b, q = loftq("loftq_iter_2", w, Layout((0,), (1,)), 8, 1.0, jnp.float32)
+    >>> base = jnp.abs(q.dequantize(jnp.float32) - w).mean()
+    >>> bool(jnp.abs(q.dequantize(jnp.float32) + a @ b - w).mean() < base)
+    True
+  """
+  from jlora.lora_param import lowrank_product
+  from jlora.quant.nf4 import quantize_array
+  rounds = int(_LOFTQ.fullmatch(init).group(1) or 1)
+  w = jnp.asarray(w0, jnp.float32)
+  res = w
+  for _ in range(rounds):
+    q = quantize_array(res.astype(w0.dtype), layout, block_size=block_size,
+                       double_quant=double_quant)
+    a, b, _ = from_base("pissa", w - q.dequantize(jnp.float32), layout, rank, scale,
+                        jax.random.key(0), dtype)
+    res = w - lowrank_product(a, b, scale, layout)
+  return a, b, q
+
+
 def from_base(init: str, w0: jax.Array, layout: Layout, rank: int, scale: float,
               key: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(a, b, residual)`` for a weight of any layout, per slice of its stack
@@ -138,8 +175,10 @@ def relative_to_original(trainable: Any, initial: Any) -> Any:
 
   Raises:
     LoraTreeError: the trees differ, a DoRA adapter (its magnitude is relative
-      to the residual's norms: no plain LoRA form exists), or ``initial`` does
-      not match ``trainable`` (another init, rank, scale or layout).
+      to the residual's norms: no plain LoRA form exists), a LoftQ adapter (its
+      quantized base is not exactly the original minus the initial update),
+      or ``initial`` does not match ``trainable`` (another init, rank, scale
+      or layout).
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -164,6 +203,12 @@ def relative_to_original(trainable: Any, initial: Any) -> Any:
     if not is_adapter(t) or getattr(t, "residual", None) is None:
       out.append(t)
       continue
+    if is_loftq(t.residual):
+      raise LoraTreeError(
+          f"'{path}' was made with init={t.residual!r}: its base is the NF4 quantization of a "
+          f"residual, so the original weights are only approximately that base plus the "
+          f"initial factors, and no exact adapter of them exists; keep the quantized base "
+          f"with the adapter")
     if not isinstance(t, LoraParam):
       raise LoraTreeError(
           f"'{path}' is a {type(t).__name__} made with init={t.residual!r}; its magnitude "

@@ -19,7 +19,7 @@ from jlora.layout import Layout
 # ``fn(path, leaf) -> bool``.
 PathSelector = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
-_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora", "loftq", "loftq_iter_<N>")
 _SELECTORS = ("targets", "exclude", "extra_trainable")
 
 
@@ -100,7 +100,9 @@ class LoraSpec:
       adapted model starts equal to the base. ``"pissa"``
       (``"pissa_niter_N"``: by a randomized SVD) and ``"olora"`` start the
       adapter from W0's top singular directions or its QR factors and
-      replace W0 in ``frozen`` by the residual (see ``jlora.inits``).
+      replace W0 in ``frozen`` by the residual; ``"loftq"``
+      (``"loftq_iter_N"``) makes the frozen base NF4 and fits the adapter to
+      what quantization lost (see ``jlora.inits``).
     dropout: dropout rate applied to the input of the LoRA path only,
       ``W0 x + s B(A drop(x))``; active only when a dropout key is passed.
     dtype: dtype of A and B (float32 by default, also for a bf16 base).

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraError
-from jlora.lora_param import LoraParam
+from jlora.adapter import is_adapter
 from jlora.transform import lora_transform
 from jlora.layout import Layout
 from jlora.quant import default_target
@@ -132,7 +132,7 @@ class LoraSummary:
 
   Attributes:
     base_params: elements in the original parameters.
-    lora_params: elements in all A and B factors.
+    lora_params: elements in all adapter arrays (A and B, and a DoRA magnitude).
     extra_params: elements of the extra trainable leaves.
     trainable_params: ``lora_params + extra_params``.
     total_params: ``base_params + lora_params`` (as PEFT counts "all params").
@@ -225,11 +225,12 @@ def memory_table(params: Any, frozen: Any, trainable: Any, spec: LoraSpec, *,
       _freeze_selector(quantize_targets, "quantize_targets"), "quantize_targets")
   p_pairs, _ = flatten_with_paths(params)
   f_pairs, _ = flatten_with_paths(frozen)
-  t_pairs, _ = flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, LoraParam))
+  t_pairs, _ = flatten_with_paths(trainable, is_leaf=is_adapter)
   dense_all = sum(_dense_bytes(leaf) for _, leaf in p_pairs if leaf is not None)
   trained_b = 0
   for _, t in t_pairs:
-    for x in ((t.a, t.b) if isinstance(t, LoraParam) else (t,) if t is not None else ()):
+    # An adapter's every array trains (a DoRA magnitude too).
+    for x in jax.tree_util.tree_leaves(t):
       trained_b += _dense_bytes(x)
   frozen_dense = frozen_q = 0
   act_per_token = 0
@@ -299,16 +300,17 @@ def summary(params: Any, spec: LoraSpec, *, layouts: Mapping[str, Layout] | None
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   frozen, trainable = lora_transform(abstract, spec, layouts=layouts)
   f_pairs, _ = flatten_with_paths(frozen)
-  t_pairs, _ = flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, LoraParam))
+  t_pairs, _ = flatten_with_paths(trainable, is_leaf=is_adapter)
   rows, lora_n, extra_n, t_bytes = [], 0, 0, 0
   base_n = sum(_size(leaf) for _, leaf in flatten_with_paths(abstract)[0] if leaf is not None)
   f_bytes = sum(_bytes(leaf) for _, leaf in f_pairs if leaf is not None)
   for (path, w0), (_, t) in zip(f_pairs, t_pairs):
-    if isinstance(t, LoraParam):
-      n = _size(t.a) + _size(t.b)
+    if is_adapter(t):
+      arrays = jax.tree_util.tree_leaves(t)
+      n = sum(_size(x) for x in arrays)
       lora_n += n
-      t_bytes += _bytes(t.a) + _bytes(t.b)
-      rows.append(TargetRow(path, tuple(w0.shape), t.rank, tuple(t.a.shape),
+      t_bytes += sum(_bytes(x) for x in arrays)
+      rows.append(TargetRow(path, tuple(w0.shape), t.a.shape[-1], tuple(t.a.shape),
                             tuple(t.b.shape), n))
     elif t is not None:
       extra_n += _size(t)

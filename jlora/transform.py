@@ -32,6 +32,7 @@ from jlora import inits
 from jlora.adapter import Adapter, is_adapter
 from jlora.dora import DoraParam, column_norm
 from jlora.lora_param import LoraParam
+from jlora.quant.nf4 import quantize_array
 from jlora.sharding import factor_shardings, leaf_sharding
 from jlora.layout import Layout
 from jlora.spec import LoraSpec
@@ -198,6 +199,8 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
                             f"quantized here; quantize the residual afterwards instead")
       if not _is_abstract(pairs[i][1]):
         frozen[i], trainable[i] = _from_base(pairs[i], trainable[i], spec, key)
+      elif inits.is_loftq(spec.init):   # planning: the base is NF4 too
+        frozen[i] = quantize_array(pairs[i][1], trainable[i].layout, path=pairs[i][0])
       # Marked, abstract or not: the adapter is relative to the residual W0.
       trainable[i] = dataclasses.replace(trainable[i], residual=spec.init)
   if spec.use_dora:
@@ -209,6 +212,9 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
 def _from_base(pair: tuple[str, Any], lp: LoraParam, spec: LoraSpec, key: jax.Array):
   """The residual W0 and the factors of a base-changing init (PiSSA, OLoRA)."""
   path, w0 = pair
+  if inits.is_loftq(spec.init):   # quantizes as it goes: NumPy statistics, not jitted
+    a, b, q = inits.loftq(spec.init, w0, lp.layout, lp.rank, lp.scale, lp.a.dtype)
+    return q, dataclasses.replace(lp, a=a, b=b)
   key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
   a, b, residual = _base_init(w0, key, init=spec.init, layout=lp.layout, rank=lp.rank,
                               scale=lp.scale, dtype=lp.a.dtype)

@@ -42,6 +42,7 @@ import jax
 import jlora
 import jlora.cli
 from jlora import _atomic
+from jlora.quant import nf4
 # What jlora imports lazily, imported once here rather than in every child.
 import orbax.checkpoint  # noqa: F401,E402
 import safetensors.flax  # noqa: F401,E402
@@ -79,14 +80,42 @@ def adapter(seed: int):
   return frozen, trainable, opt
 
 
+def qparams(seed: int):
+  """``params(seed)`` with the l1 and l2 kernels as NF4Arrays of random bytes,
+  built from NumPy (no XLA)."""
+  out = {m: dict(leaves) for m, leaves in params(seed).items()}
+  rng = np.random.default_rng(200 + seed)
+  layout = jlora.Layout((0,), (1,))
+  for m in ("l1", "l2"):
+    shape = out[m]["kernel"].shape
+    arrays = {name: (rng.integers(0, 256, s, dtype=np.uint8) if d == "uint8"
+                     else np.asarray(rng.random(s), np.float32))
+              for name, (s, d) in nf4.part_specs(shape, layout).items()}
+    out[m]["kernel"] = jlora.NF4Array(**arrays, shape=shape, dtype=np.dtype(np.float32),
+                                      layout=layout, block_size=64)
+  return out
+
+
+BNB_RULES = jlora.peft.Rules.generic()
+
+
+def is_lp_or_nf4(x):
+  return is_lp(x) or isinstance(x, jlora.NF4Array)
+
+
 def digest(tree) -> str:
-  """A hash of everything a reader returns: paths, arrays' bytes, LoRA metadata."""
+  """A hash of everything a reader returns: paths, arrays' bytes, LoRA and NF4 metadata."""
   h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lp)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lp_or_nf4)[0]:
     h.update(jax.tree_util.keystr(path).encode())
     if is_lp(leaf):
       h.update(repr((leaf.scale, leaf.layout, leaf.dropout)).encode())
       leaves = [leaf.a, leaf.b]
+    elif isinstance(leaf, jlora.NF4Array):
+      h.update(repr((leaf.shape, np.dtype(leaf.dtype).name, leaf.layout,
+                     leaf.block_size)).encode())
+      leaves = [x for x in (leaf.codes, leaf.absmax, leaf.nested_absmax, leaf.offset)
+                if x is not None]
     else:
       leaves = [leaf]
     for x in leaves:
@@ -159,6 +188,38 @@ class BaseSave(Writer):
 
 class BaseDirSave(BaseSave):
   target = "base"
+
+
+class QuantizedBaseSave(Writer):
+  """A base with NF4 weights."""
+  target = "q.safetensors"
+
+  def prepare(self, d):
+    jlora.base.save(d / self.target, qparams(1))
+
+  def run(self, d):
+    jlora.base.save(d / self.target, qparams(2), overwrite=True)
+
+  def read(self, d):
+    return digest(dict(jlora.base.read(d / self.target)))
+
+
+class QuantizedBaseDirSave(QuantizedBaseSave):
+  target = "q"
+
+
+class BnbSave(Writer):
+  """A Hugging Face bitsandbytes 4-bit checkpoint."""
+  target = "model.safetensors"
+
+  def prepare(self, d):
+    jlora.bnb.save(d / self.target, qparams(1), BNB_RULES)
+
+  def run(self, d):
+    jlora.bnb.save(d / self.target, qparams(2), BNB_RULES, overwrite=True)
+
+  def read(self, d):
+    return digest(jlora.bnb.load(d / self.target, qparams(0), BNB_RULES))
 
 
 class ManagerSave(Writer):
@@ -251,7 +312,8 @@ class CliConvertToOrbax(Writer):
 WRITERS = {"orbax": OrbaxSave(), "orbax_first": OrbaxFirstSave(), "peft": PeftSave(),
            "base_st": BaseSave(), "base_dir": BaseDirSave(), "manager": ManagerSave(),
            "cli_merge": CliMerge(), "cli_convert": CliConvert(),
-           "cli_convert_orbax": CliConvertToOrbax()}
+           "cli_convert_orbax": CliConvertToOrbax(), "base_q_st": QuantizedBaseSave(),
+           "base_q_dir": QuantizedBaseDirSave(), "bnb": BnbSave()}
 
 
 # -- file-system events, and the kill ----------------------------------------------

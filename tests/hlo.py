@@ -102,3 +102,37 @@ def full_step_hlo(fn, params, args) -> str:
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step).lower(params, tx.init(params), *args).compile().as_text()
+
+
+# `%all-gather.3 = f32[64,160]{1,0} all-gather(...)`, also the async
+# `all-gather-start` (whose result is a tuple: the gathered shape is the last).
+_ALL_GATHER = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\(?[^=\n]*?)\s+all-gather(?:-start)?\(", re.MULTILINE)
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+
+
+def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+  """Result shapes of every all-gather in HLO text (the gathered operand's)."""
+  out = []
+  for m in _ALL_GATHER.finditer(hlo_text):
+    shapes = _SHAPE.findall(m.group(1))
+    if shapes:
+      out.append(tuple(int(d) for d in shapes[-1].split(",") if d))
+  return out
+
+
+def weight_gathers(hlo_text: str, frozen) -> dict[str, int]:
+  """How many all-gathers produce a tensor shaped like each frozen weight, as
+  stored or as one layer of a stack (its leading axis dropped): the gathers
+  of W0 itself. Shapes are compared in order, so (d, f) and (f, d) differ."""
+  weights = {}
+  for path, w0 in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+    if w0 is not None and len(w0.shape) >= 2:
+      shape = tuple(w0.shape)
+      weights[jax.tree_util.keystr(path)] = {shape} | ({shape[1:]} if len(shape) > 2 else set())
+  counts = {name: 0 for name in weights}
+  for shape in all_gather_shapes(hlo_text):
+    for name, keys in weights.items():
+      if shape in keys:
+        counts[name] += 1
+  return counts

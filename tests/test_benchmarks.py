@@ -57,3 +57,24 @@ def test_bench_qlora_quick(tmp_path):
   # The script asserts that the QLoRA loss is the LoRA loss on the dequantized base.
   assert res["speed"]["qlora_over_lora"] > 0
   assert res["speed"]["quantized_bytes_per_param"] <= 0.52
+
+
+def test_bench_decode_quick(tmp_path):
+  out = tmp_path / "decode.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH, "bench_decode.py"), "--quick", "--json", str(out)],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  # The script asserts the unmerged step equals the merged one.
+  assert res["max_abs_diff"] < 1e-3 and res["ratio"] > 0
+
+
+def test_bench_variants_quick(tmp_path):
+  out = tmp_path / "variants.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH, "bench_variants.py"), "--quick", "--json", str(out)],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads(out.read_text())
+  assert res["dora_over_lora"] > 0 and res["embedding_adapted_over_frozen"] > 0

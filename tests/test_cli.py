@@ -262,6 +262,99 @@ def test_convert_peft_with_base_checks_fingerprint(setup, capsys, tmp_path):
   assert rc == 0, err
 
 
+# -- quantize -------------------------------------------------------------------
+
+STACK_LAYOUTS = ["--layout", "params/layers/query/kernel=1:2,3:0",
+                 "--layout", "params/layers/out/kernel=1,2:3:0",
+                 "--layout", "params/layers/(up)/kernel=1:2:0"]
+
+
+def _assert_same_quantized(got, want):
+  """Same paths, the same NF4Arrays (bytes and static fields) and dense arrays."""
+  want = dict(jax.tree_util.tree_leaves_with_path(
+      want, is_leaf=lambda x: isinstance(x, jlora.NF4Array)))
+  want = {jlora.path_str(kp): x for kp, x in want.items()}
+  assert set(got) == set(want)
+  for p, w in want.items():
+    g = got[p]
+    assert type(g) is type(w), p
+    if isinstance(w, jlora.NF4Array):
+      assert (g.shape, g.dtype, g.layout, g.block_size) == (w.shape, w.dtype, w.layout,
+                                                            w.block_size), p
+      for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+    else:
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def _flat_quantized(path):
+  return dict(jlora.base.read(path))
+
+
+@pytest.mark.parametrize("base,out", [("base", "q.safetensors"), ("base_st", "q")])
+def test_quantize_a_base_as_jlora_quantize_does(setup, capsys, tmp_path, base, out):
+  rc, text, err = run(capsys, "quantize", setup[base], tmp_path / out, *STACK_LAYOUTS)
+  assert rc == 0, err
+  want = jlora.quantize(setup["params"], layouts=LAYOUTS)    # every kernel, the bf16 head too
+  _assert_same_quantized(_flat_quantized(tmp_path / out), want)
+  assert "4 of 8 parameters quantized to NF4 (block size 64, double quantization)" in text
+  # inspect: which are quantized, their bytes and bits per parameter
+  rc, out_json, err = run(capsys, "inspect", tmp_path / out, "--json")
+  assert rc == 0, err
+  info = json.loads(out_json)
+  q = [x for x in jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, jlora.NF4Array))
+       if isinstance(x, jlora.NF4Array)]
+  assert info["quantized"]["tensors"] == 4 and info["dense"]["tensors"] == 4
+  assert info["quantized"]["bytes"] == sum(x.nbytes for x in q)
+  assert info["quantized"]["elements"] == sum(x.size for x in q)
+  row = next(t for t in info["tensors"] if t["path"] == "params/lm_head/kernel")
+  assert row["dtype"] == "bfloat16" and row["shape"] == [D, VOCAB]
+  assert row["quant"] == {"type": "nf4", "block_size": 64, "double_quant": True,
+                          "bytes": _at_q(want, "params/lm_head/kernel").nbytes,
+                          "bits_per_param": 8 * _at_q(want, "params/lm_head/kernel").nbytes
+                          / (D * VOCAB)}
+  rc, text, _ = run(capsys, "inspect", tmp_path / out)
+  assert rc == 0 and "quantized: 4 tensors (NF4)" in text and "bits per parameter" in text
+  assert "nf4, block 64, double quant" in text
+
+
+def _at_q(tree, path):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def test_quantize_targets_block_size_and_no_double_quant(setup, capsys, tmp_path):
+  rc, text, err = run(capsys, "quantize", setup["base_st"], tmp_path / "q.safetensors",
+                      "--targets", "params/lm_head/kernel", "--block-size", "128",
+                      "--no-double-quant")
+  assert rc == 0, err
+  want = jlora.quantize(setup["params"], "params/lm_head/kernel", block_size=128,
+                        double_quant=False)
+  _assert_same_quantized(_flat_quantized(tmp_path / "q.safetensors"), want)
+  assert "1 of 8 parameters quantized to NF4 (block size 128)" in text
+  # Quantizing a quantized base again: the NF4 weights stay as they are.
+  rc, text, err = run(capsys, "quantize", tmp_path / "q.safetensors", tmp_path / "q2",
+                      *STACK_LAYOUTS)
+  assert rc == 0, err
+  got = _flat_quantized(tmp_path / "q2")
+  assert got["params/lm_head/kernel"].block_size == 128 and "3 of 8" in text
+
+
+def test_merge_onto_a_quantized_base_is_jlora_merge(setup, capsys, tmp_path):
+  """An adapter made for the dense base fits its quantized version (the same
+  paths, shapes and dtypes); the merge is dense, as jlora.merge makes it."""
+  rc, _, err = run(capsys, "quantize", setup["base"], tmp_path / "q", *STACK_LAYOUTS)
+  assert rc == 0, err
+  rc, _, err = run(capsys, "merge", "--base", tmp_path / "q", "--adapter", setup["adapter"],
+                   "--out", tmp_path / "m.safetensors", "--quiet")
+  assert rc == 0, err
+  qparams = jlora.quantize(setup["params"], layouts=LAYOUTS)
+  want = jlora.merge(jlora.frozen_like(qparams, setup["trainable"]), setup["trainable"])
+  assert_params_equal(flat_params(tmp_path / "m.safetensors"), want)
+
+
 # -- errors ----------------------------------------------------------------------
 
 
@@ -295,8 +388,11 @@ def bad(setup):
   shutil.copytree(setup["peft"], changed)
   config = json.loads((changed / "adapter_config.json").read_text())
   (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 99}))
+  small_q = jlora.quantize({"fc": {"kernel": jnp.ones((64, 64))}})
+  bnb_file = jlora.bnb.save(tmp / "bnb.safetensors", small_q, jlora.peft.Rules.generic())
   return dict(tmp=tmp, other=other_base, fewer=fewer_base, garbled=garbled, user=user,
-              truncated=truncated, changed=changed)
+              truncated=truncated, changed=changed, bnb=bnb_file,
+              quantized=jlora.base.save(tmp / "quantized.safetensors", small_q))
 
 
 ERRORS = {
@@ -376,6 +472,34 @@ ERRORS = {
                                     ["is corrupted", "truncated"]),
     "inspect a changed PEFT folder": (lambda s, b: ["inspect", b["changed"]],
                                       ["was changed after jlora wrote this folder"]),
+    "quantize: targets match nothing": (lambda s, b: ["quantize", s["base_st"], b["tmp"] / "q1",
+                                                      "--targets", "nothing"],
+                                        ["match no parameter"]),
+    "quantize: a stack without --layout": (lambda s, b: ["quantize", s["base_st"],
+                                                         b["tmp"] / "q2"],
+                                           ["'params/layers/out/kernel' (2, 2, 4, 8)",
+                                            "--layout 'params/layers/out/kernel=IN:OUT"]),
+    "quantize: bad --block-size": (lambda s, b: ["quantize", s["base_st"], b["tmp"] / "q3",
+                                                 "--block-size", "48", *STACK_LAYOUTS],
+                                   ["block_size must be one of"]),
+    "quantize: --layout matches nothing": (lambda s, b: ["quantize", s["base_st"],
+                                                         b["tmp"] / "q4", "--layout",
+                                                         "params/x=0:1"],
+                                           ["--layout 'params/x' matches no parameter"]),
+    "quantize: bad --targets": (lambda s, b: ["quantize", s["base_st"], b["tmp"] / "q5",
+                                              "--targets", "("], ["not a valid regex"]),
+    "quantize onto its input": (lambda s, b: ["quantize", s["base_st"], s["base_st"],
+                                              "--overwrite"], ["is the input BASE"]),
+    "quantize a bnb checkpoint": (lambda s, b: ["quantize", b["bnb"], b["tmp"] / "q6"],
+                                  ["bitsandbytes 4-bit checkpoint", "jlora.bnb.load"]),
+    "quantize: nothing new": (lambda s, b: ["quantize", b["quantized"], b["tmp"] / "q7"],
+                              ["nothing to quantize", "--targets"]),
+    "merge onto a bnb checkpoint": (lambda s, b: ["merge", "--base", b["bnb"], "--adapter",
+                                                  s["adapter"], "--out", b["tmp"] / "o10"],
+                                    ["bitsandbytes 4-bit checkpoint", "jlora.bnb.load"]),
+    "a bnb checkpoint as adapter": (lambda s, b: ["merge", "--base", s["base"], "--adapter",
+                                                  b["bnb"], "--out", b["tmp"] / "o11"],
+                                    ["is a bitsandbytes 4-bit checkpoint", "not an adapter"]),
 }
 
 

@@ -3,8 +3,9 @@ disk, and corrupted bytes in every file a reader opens.
 
 For each writer (orbax save, the same with the two-rename protocol of systems
 without an atomic exchange, a first save, PEFT save, base save as a file and as
-a directory, CheckpointManager.save with its max_to_keep cleanup, CLI merge and
-both CLI converts) a forked child runs the write and is killed at chosen
+a directory, with NF4 weights too, bitsandbytes 4-bit save,
+CheckpointManager.save with its max_to_keep cleanup, CLI merge and both CLI
+converts) a forked child runs the write and is killed at chosen
 file-system events; then a reader must find the old state or the new one
 (never a mix), and the next call must finish or clean up, leaving nothing
 staged behind. Each case is counted as:
@@ -140,7 +141,8 @@ def _manager_state_ok(got: str, old: str, new: str) -> bool:
 WRITERS = [("orbax", {}, 10), ("orbax", {"no_exchange": True}, 6), ("orbax_first", {}, 6),
            ("peft", {}, 10), ("peft", {"no_exchange": True}, 8), ("base_st", {}, 6),
            ("base_dir", {}, 8), ("manager", {}, 12), ("cli_merge", {}, 5),
-           ("cli_convert", {}, 5), ("cli_convert_orbax", {}, 5)]
+           ("cli_convert", {}, 5), ("cli_convert_orbax", {}, 5), ("base_q_st", {}, 5),
+           ("base_q_dir", {}, 6), ("bnb", {}, 5)]
 
 
 def _kill_writer(tmp: pathlib.Path, writer: str, opts: dict, budget: int, z: Zygote) -> dict:
@@ -203,7 +205,8 @@ def _kill_writer(tmp: pathlib.Path, writer: str, opts: dict, budget: int, z: Zyg
 _TARGETS = {"orbax": "adapter", "orbax_first": "adapter", "peft": "peft",
             "base_st": "base.safetensors", "base_dir": "base", "manager": "ckpt",
             "cli_merge": "merged.safetensors", "cli_convert": "peft",
-            "cli_convert_orbax": "adapter"}
+            "cli_convert_orbax": "adapter", "base_q_st": "q.safetensors", "base_q_dir": "q",
+            "bnb": "model.safetensors"}
 
 
 def _report(title: str, rows: list[dict]) -> collections.Counter:
@@ -245,8 +248,10 @@ def _damages(data: bytes):
   yield "truncate", data[:mid]
 
 
+# (The orbax directory of a quantized base is checked by the same manifest as base_dir's.)
 CORRUPT = [("orbax", "adapter"), ("manager", "ckpt"), ("base_st", "base.safetensors"),
-           ("base_dir", "base"), ("peft", "peft")]
+           ("base_dir", "base"), ("peft", "peft"), ("base_q_st", "q.safetensors"),
+           ("bnb", "model.safetensors")]
 
 
 def _corrupt_writer(tmp: pathlib.Path, writer: str, target: str, z: Zygote) -> dict:
@@ -331,11 +336,20 @@ def test_full_disk_keeps_the_old_state_and_leaves_nothing(small_disk):
       "base.save (dir)": (lambda p: jlora.base.save(p, fw.params(1)),
                           lambda p: jlora.base.save(p, huge_base, overwrite=True),
                           lambda p: fw.digest(dict(jlora.base.read(p)))),
+      "base.save (NF4)": (lambda p: jlora.base.save(p, fw.qparams(1)),
+                          lambda p: jlora.base.save(p, _grow(fw.qparams(2)), overwrite=True),
+                          lambda p: fw.digest(dict(jlora.base.read(p)))),
+      "bnb.save": (lambda p: jlora.bnb.save(p.with_suffix(".safetensors"), fw.qparams(1),
+                                            fw.BNB_RULES),
+                   lambda p: jlora.bnb.save(p.with_suffix(".safetensors"), _grow(fw.qparams(2)),
+                                            fw.BNB_RULES, overwrite=True),
+                   lambda p: fw.digest(jlora.bnb.load(p.with_suffix(".safetensors"),
+                                                      fw.qparams(0), fw.BNB_RULES))),
   }
   total = collections.Counter()
   log("\n== a full disk (1 MiB tmpfs)")
   for name, (write_old, write_big, read) in writers.items():
-    path = small_disk / name.split()[0].replace(".", "_")
+    path = small_disk / name.replace(" ", "_").replace(".", "_").replace("(", "").replace(")", "")
     write_old(path)
     before = read(path)
     try:
@@ -392,7 +406,8 @@ writers = [("orbax", lambda p: jlora.orbax.save(p, trainable, fw.SPEC, base=froz
            ("peft", lambda p: jlora.peft.save(p, trainable, jlora.peft.Rules(), spec=fw.SPEC)),
            ("base", lambda p: jlora.base.save(p + ".safetensors", fw.params(0))),
            ("base_dir", lambda p: jlora.base.save(p, fw.params(0))),
-           ("manager", lambda p: jlora.orbax.CheckpointManager(p, base=frozen))]
+           ("manager", lambda p: jlora.orbax.CheckpointManager(p, base=frozen)),
+           ("bnb", lambda p: jlora.bnb.save(p + ".safetensors", fw.qparams(0), fw.BNB_RULES))]
 for name, write in writers:
   try:
     write(os.path.join(sys.argv[1], name))
@@ -422,7 +437,7 @@ def test_permission_denied_gives_one_line_and_leaves_nothing(open_tmp):
                         text=True, env=env, timeout=300)
   lines = proc.stdout.strip().splitlines()
   log("\n== permission denied\n  " + "\n  ".join(lines))
-  assert len(lines) == 5 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert len(lines) == 6 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   for line in lines:
     name, _, message = line.partition(" | ")
     assert "permission denied" in message and str(locked / name) in message, line

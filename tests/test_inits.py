@@ -85,3 +85,37 @@ def test_an_abstract_base_gives_abstract_factors_and_no_residual():
 def test_bad_init_names_the_choices():
   with pytest.raises(jlora.LoraSpecError, match="init must be one of.*pissa_niter_<N>"):
     jlora.LoraSpec(init="pissa_niter_x")
+
+
+def _bnb_loftq(w_in_out: np.ndarray, rank: int, scale: float, rounds: int):
+  """LoftQ with bitsandbytes' own NF4 and NumPy's SVD: the dequantized base
+  and s B A, in (in, out) terms."""
+  bnb = pytest.importorskip("bitsandbytes.functional")
+  w = w_in_out.astype(np.float64)
+  res = w.copy()
+  for _ in range(rounds):
+    t = torch.from_numpy(np.ascontiguousarray(res.T.astype(np.float32)))   # (out, in)
+    packed, state = bnb.quantize_4bit(t, blocksize=64, compress_statistics=True,
+                                      quant_type="nf4")
+    deq = bnb.dequantize_4bit(packed, state).numpy().T.astype(np.float64)
+    u, s, vt = np.linalg.svd(w - deq, full_matrices=False)
+    low = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    res = w - low
+  return deq, low
+
+
+@pytest.mark.parametrize("init,rounds", [("loftq", 1), ("loftq_iter_3", 3)])
+def test_loftq_equals_the_algorithm_on_bitsandbytes_nf4(init, rounds):
+  w = np.array(normal((128, 48), 0.5, seed=5))
+  frozen, t = _ours(jnp.asarray(w), init, r=4, alpha=8)
+  q = frozen["w"]
+  assert isinstance(q, jlora.NF4Array)
+  deq, low = _bnb_loftq(w, 4, 2.0, rounds)
+  np.testing.assert_allclose(q.dequantize(jnp.float32), deq, atol=1e-6)
+  np.testing.assert_allclose(t["w"].delta(), low, atol=1e-4)
+  # The adapter recovers part of what quantization lost.
+  lost = np.abs(deq - w).mean()
+  assert np.abs(deq + low - w).mean() < 0.95 * lost
+  x = normal((3, 128), seed=6)
+  y = jlora.lora(lambda p, x: x @ p["w"])(frozen, t, x)
+  np.testing.assert_allclose(y, x @ (deq + low), atol=1e-3)

@@ -228,3 +228,18 @@ def test_llama2_70b_qlora_fits_a_48gb_gpu():
   text = str(m)
   assert text.splitlines()[0].split()[:2] == ["memory", "(GiB)"]
   assert "room on 48 GiB" in text
+
+
+def test_dora_counts_its_magnitudes_like_the_trainable_tree():
+  # Before: a DoraParam was flattened into its arrays and paired with the wrong
+  # frozen leaves, so its A, B and magnitude were counted as "extra" params.
+  spec = jlora.LoraSpec(rank=4, targets=["kernel"], use_dora=True, extra_trainable=["head/bias"])
+  abstract = _mlp_abstract()
+  s = jlora.summary(abstract, spec)
+  lora = 4 * (16 + 32) + 4 * (32 + 32) + 4 * (32 + 8) + (32 + 32 + 8)  # + magnitudes
+  assert (s.lora_params, s.extra_params) == (lora, 8)
+  params = jax.tree_util.tree_map(lambda a: jnp.ones(a.shape, a.dtype), abstract)
+  _, trainable = jlora.lora_transform(params, spec, key=KEY)
+  assert s.trainable_params == sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+  assert [r.params for r in s.rows] == [4 * 48 + 32, 4 * 64 + 32, 4 * 40 + 8]
+  assert s.memory.rows["lora"]["adapters"] == 4 * (lora + 8)

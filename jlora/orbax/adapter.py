@@ -18,8 +18,6 @@ import os
 import pathlib
 from typing import Any
 
-import jax
-
 from jlora import _atomic
 from jlora.errors import LoraCheckpointError
 from jlora.spec import LoraSpec
@@ -47,6 +45,15 @@ def save(path: PathLike, trainable: Any, spec: LoraSpec | None = None, *, base: 
   if the process is killed at any point; the next call finishes or cleans
   up what a killed one left. ``overwrite`` replaces only an adapter jlora
   wrote, never another directory.
+
+  With several JAX processes (``jax.distributed``), every process calls
+  ``save`` with its part of the (globally sharded) arrays, as for any orbax
+  save: each writes its shards into one staging folder, and process 0 checks
+  ``path``, writes the manifest and swaps the folder in; every process
+  returns once it is in place, or raises process 0's error. This needs one
+  file system seen by every process at ``path`` (the same disk, or NFS);
+  the arrays' own checksums are then left out of the metadata (no process
+  sees a whole array), the manifest's file checksums remain.
 
   Args:
     path: the directory to create.
@@ -86,28 +93,18 @@ def save(path: PathLike, trainable: Any, spec: LoraSpec | None = None, *, base: 
   saved, meta = payload.adapter_payload(trainable, spec, base)
   args = ocp.args.Composite(**{names.ADAPTER: ocp.args.StandardSave(saved),
                                names.ADAPTER_META: ocp.args.JsonSave(meta)})
-  if jax.process_count() > 1:
-    # Every host takes part in orbax's save; a rename dance here would race.
-    if _atomic.exists(path) and not _atomic.is_empty_dir(path):
-      if not overwrite:
-        raise LoraCheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
-      if not is_owned(path):
-        raise LoraCheckpointError(f"'{path}' exists and is not a jlora adapter written by "
-                                  f"jlora; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with validation.quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      ckptr.save(path, args=args, force=overwrite)
-    if jax.process_index() == 0:
-      manifest.write(path, names.FORMAT)
-    return path
+  # With several JAX processes every one calls save: each writes its shards
+  # through orbax into the staging folder process 0 names, then process 0
+  # writes the manifest and swaps the folder in (jlora._atomic.replace_collective).
 
-  def write(staging: pathlib.Path) -> None:
+  def write_arrays(staging: pathlib.Path) -> None:
     with validation.quiet(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(staging, args=args)
-    manifest.write(staging, names.FORMAT)
 
-  return _atomic.replace(path, write, overwrite=overwrite, owned=is_owned,
-                         what="jlora adapter", error=LoraCheckpointError)
+  return _atomic.replace_collective(
+      path, write_all=write_arrays, write_primary=lambda p: manifest.write(p, names.FORMAT),
+      overwrite=overwrite, owned=is_owned, what="jlora adapter", error=LoraCheckpointError,
+      op="jlora.orbax.save")
 
 
 def load(path: PathLike, *, base: Any) -> tuple[Any, LoraSpec | None]:

@@ -46,6 +46,25 @@ def sha256(x: Any) -> str | None:
   return hashlib.sha256(host.view(np.uint8).data).hexdigest()
 
 
+def weight_sha256(w: Any) -> str | None:
+  """SHA-256 of a frozen weight's values: an array's bytes, or for a weight
+  node (an ``NF4Array``) every array it holds, in order; None when this
+  process cannot see all of it.
+
+  Example:
+    >>> import numpy as np
+    >>> weight_sha256(np.zeros(2, np.float32)) == sha256(np.zeros(2, np.float32))
+    True
+  """
+  from jlora._paths import is_weight_node
+  if not is_weight_node(w):
+    return sha256(w)
+  parts = [sha256(leaf) for leaf in jax.tree_util.tree_leaves(w)]
+  if any(p is None for p in parts):
+    return None
+  return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
 def array_info(x: Any) -> dict[str, Any]:
   return {"shape": shape(x), "dtype": dtype_name(x), "sha256": sha256(x)}
 
@@ -60,7 +79,9 @@ def check_concrete(path: str, x: Any) -> None:
 
 
 def default_sharding() -> jax.sharding.Sharding:
-  return SingleDeviceSharding(jax.devices()[0])
+  """This process's first device (with several processes, jax.devices()[0]
+  belongs to process 0)."""
+  return SingleDeviceSharding(jax.local_devices()[0])
 
 
 def describe(shape: Any, dtype: Any) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-from jlora import _atomic
+from jlora import _atomic, _multihost
 from jlora.errors import LoraCheckpointError, LoraFileError
 from jlora.spec import LoraSpec
 from jlora.orbax import encoding, manifest, names, payload, validation
@@ -47,7 +47,7 @@ class TrainCheckpoint(NamedTuple):
 def _write_pending_manifests(directory: pathlib.Path) -> None:
   """Called by orbax once a step is fully written in its temporary directory,
   before it renames it: the manifest makes the step complete."""
-  if jax.process_index() != 0:
+  if _multihost.process_index() != 0:
     return
   for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
     step = tmp.name.split(_TMP_SUFFIX)[0]
@@ -100,6 +100,16 @@ class CheckpointManager:
   interpreter exit. Restoring verifies every file, the base fingerprint and
   every array's checksum, and places the arrays on the shardings of ``base``
   and of the templates, whatever the sharding they were saved with.
+
+  With several JAX processes (``jax.distributed``), every process creates
+  the manager and calls ``save``, ``restore`` and ``close`` alike, as with
+  orbax's own manager: each writes its shards of a step, process 0 writes
+  the manifest that completes it and cleans up, and a step is listed only
+  once every process has written its part, so a process killed during a
+  save leaves the previous steps as the latest complete ones. A checkpoint
+  restores onto any process and device count (the shardings of ``base``
+  and of the templates decide). The directory must be one file system
+  seen by every process.
 
   Args:
     directory: the root directory (created if missing).
@@ -187,7 +197,10 @@ class CheckpointManager:
     return self._directory
 
   def _empty_trash(self) -> None:
-    """Deletes the steps max_to_keep dropped (and what a killed deletion left)."""
+    """Deletes the steps max_to_keep dropped (and what a killed deletion left);
+    with several processes, process 0 alone touches the shared directory."""
+    if _multihost.process_index() != 0:
+      return
     trash = self._directory / TRASH
     for left in _atomic.leftovers(trash).values():
       for p in left:

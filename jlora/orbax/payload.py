@@ -114,13 +114,16 @@ def _residual_sum(path: str, w0: Any, t: Adapter, cache: dict[str, str | None] |
   process cannot see all of it: a multi-host array)."""
   if cache is not None and path in cache:
     return cache[path]
-  if isinstance(w0, jax.ShapeDtypeStruct) or not hasattr(w0, "dtype"):
+  leaves = jax.tree_util.tree_leaves(w0)       # an array, or a weight node's (NF4) arrays
+  if not leaves or any(isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype")
+                       for x in leaves):
     raise LoraCheckpointError(
         f"'{path}' was made with init={t.residual!r}, so it is relative to the residual W0 "
         f"lora_transform returned in frozen; pass that frozen tree (with its arrays) as "
         f"base= so that its checksum is recorded and no other base is ever used with it")
-  arrays.check_concrete(path, w0)
-  digest = arrays.sha256(w0)
+  for x in leaves:
+    arrays.check_concrete(path, x)
+  digest = arrays.weight_sha256(w0)
   if cache is not None:
     cache[path] = digest
   return digest

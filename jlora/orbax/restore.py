@@ -146,11 +146,12 @@ def check_residual(entry: dict[str, Any], w0: Any, path: pathlib.Path) -> None:
   weights, say) is refused. Checked where ``base`` holds the arrays (an
   abstract base has no values to check)."""
   want = entry.get("residual_sha256")
-  if want is None or w0 is None or isinstance(w0, jax.ShapeDtypeStruct):
+  leaves = jax.tree_util.tree_leaves(w0)
+  if want is None or not leaves or any(
+      isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype") or _compat.is_tracer(x)
+      for x in leaves):
     return
-  if not hasattr(w0, "dtype") or _compat.is_tracer(w0):
-    return
-  got = arrays.sha256(w0)
+  got = arrays.weight_sha256(w0)
   if got is not None and got != want:
     init = encoding.decode(entry["static"].get("residual"))
     raise LoraCheckpointError(

@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from jlora import _atomic
-from jlora.errors import LoraLayoutError, LoraPeftError
+from jlora import _atomic, _multihost
+from jlora.errors import LoraLayoutError, LoraPeftError, LoraTreeError
 from jlora._paths import flatten_with_paths
 from jlora.adapter import is_adapter
 from jlora.bank import LoraBank
@@ -56,7 +56,10 @@ def _plain(pairs: list[tuple[str, Any]], treedef: Any, initial: Any
         f"loads it onto. Pass initial=<the trainable tree lora_transform returned> to write "
         f"it as PEFT's conversion to a plain adapter of rank 2r "
         f"(path_initial_model_for_weight_conversion)")
-  plain = relative_to_original(treedef.unflatten([leaf for _, leaf in pairs]), initial)
+  try:
+    plain = relative_to_original(treedef.unflatten([leaf for _, leaf in pairs]), initial)
+  except LoraTreeError as e:
+    raise LoraPeftError(f"cannot write an adapter of the original weights: {e}") from None
   return flatten_with_paths(plain, is_leaf=is_adapter)[0]
 
 
@@ -182,6 +185,14 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   so a reader finds the old folder or the new one, never a config of one
   with the tensors of the other, even if the process is killed.
 
+  With several JAX processes (``jax.distributed``), every process must call
+  ``save`` (the factors are gathered from all of them, a collective): each
+  builds the same config, process 0 alone writes the folder, and the others
+  wait until it is in place and return the same config, or raise process
+  0's error. A process that calls it alone waits at most
+  ``jlora._multihost.TIMEOUT_S`` (600 s; ``JLORA_MULTIHOST_TIMEOUT_S``) for
+  the others, then raises.
+
   ``lora_alpha`` is recovered from each ``LoraParam.scale``: ``scale * r``,
   or ``scale * sqrt(r)`` with rsLoRA. Whether rsLoRA was used is not stored
   in a ``LoraParam``; it comes from ``use_rslora``, else ``spec.use_rslora``,
@@ -239,6 +250,15 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   """
   directory = os.fspath(path)
   rules = as_rules(rules)
+  sync = _multihost.Op("jlora.peft.save")
+  if sync.multiprocess:
+    # Every process calls save; the factors are gathered to every host (a
+    # collective), every process builds the same tensors and config (so a
+    # refusal is raised everywhere alike), and process 0 alone writes.
+    sync.barrier("start", LoraPeftError)
+    trainable = _multihost.gather_to_host(trainable)
+    if initial is not None:
+      initial = _multihost.gather_to_host(initial)
   pairs, treedef = flatten_with_paths(trainable, is_leaf=is_adapter)
   pairs = _plain(pairs, treedef, initial)
   if use_rslora is None:
@@ -473,6 +493,8 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
       f.write(json.dumps(config, indent=2, sort_keys=True))
     save_file(tensors, os.fspath(folder / names.WEIGHTS_NAME), metadata=st_metadata)
 
-  _atomic.replace(directory, write, overwrite=overwrite, owned=mark.is_owned,
-                  what="PEFT folder", error=LoraPeftError)
+  _atomic.replace_collective(directory, write_primary=write, overwrite=overwrite,
+                             owned=mark.is_owned, what="PEFT folder", error=LoraPeftError,
+                             op="jlora.peft.save")
   return config
+

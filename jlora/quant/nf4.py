@@ -463,3 +463,77 @@ def quantize_array(w: Any, layout: Layout, *, block_size: int = 64,
   else:
     parts = fn(w)
   return NF4Array(*parts, shape=shape, dtype=dtype, layout=layout, block_size=block_size)
+
+
+# -- files: the arrays of an NF4Array and the metadata that goes with them ---------------
+
+#: The array fields of an ``NF4Array``, in the order files list them.
+PARTS = ("codes", "absmax", "nested_absmax", "offset")
+
+
+def part_specs(shape, layout: Layout, block_size: int = 64,
+               double_quant: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
+  """name -> ``(shape, dtype name)`` of each array an ``NF4Array`` of a weight
+  of ``shape`` holds (the fields that are None are left out).
+
+  Example:
+    >>> part_specs((128, 64), Layout((0,), (1,)))
+    {'codes': ((4096,), 'uint8'), 'absmax': ((128,), 'uint8'), 'nested_absmax': ((1,), 'float32'), 'offset': ((), 'float32')}
+  """
+  stack = tuple(int(shape[i]) for i in layout.stack_axes)
+  n = math.prod(int(shape[i]) for i in layout.out_axes + layout.in_axes)
+  nb = -(-n // block_size)
+  out = {"codes": (stack + (-(-n // 2),), "uint8"),
+         "absmax": (stack + (nb,), "uint8" if double_quant else "float32")}
+  if double_quant:
+    out["nested_absmax"] = (stack + (-(-nb // NESTED_BLOCK_SIZE),), "float32")
+    out["offset"] = (stack, "float32")
+  return out
+
+
+def file_metadata(q: NF4Array) -> dict[str, Any]:
+  """What a file keeps beside an ``NF4Array``'s arrays (with the weight's own
+  shape and dtype): JSON-ready."""
+  lay = q.layout
+  return {"quant": "nf4", "block_size": int(q.block_size), "double_quant": q.double_quant,
+          "layout": {"in_axes": list(lay.in_axes), "out_axes": list(lay.out_axes),
+                     "stack_axes": list(lay.stack_axes)}}
+
+
+def layout_of(meta: Any) -> Layout:
+  """The ``Layout`` that ``file_metadata`` recorded."""
+  lay = meta["layout"]
+  return Layout(lay["in_axes"], lay["out_axes"], lay["stack_axes"])
+
+
+def from_file(parts: dict[str, Any], shape, dtype: str, meta: Any, where: str,
+              error: type[Exception] = LoraSpecError) -> NF4Array:
+  """The ``NF4Array`` of arrays read from a file, checked against the metadata
+  that ``file_metadata`` wrote: anything that does not fit raises ``error``
+  (one line, starting with ``where``)."""
+  try:
+    if not isinstance(meta, dict) or meta.get("quant") != "nf4":
+      raise ValueError(f"quantization {meta.get('quant') if isinstance(meta, dict) else meta!r}"
+                       f" is not 'nf4'")
+    block_size, dq = meta["block_size"], meta["double_quant"]
+    if block_size not in BLOCK_SIZES or not isinstance(dq, bool):
+      raise ValueError(f"block size {block_size!r} / double_quant {dq!r}")
+    layout = layout_of(meta)
+    shape = tuple(int(d) for d in shape)
+    layout.check(shape, where)
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+      raise ValueError(f"dtype {dtype} is not a floating-point type")
+  except (ValueError, KeyError, TypeError, LoraSpecError) as e:
+    raise error(f"{where}: its NF4 metadata is not valid ({' '.join(str(e).split())})"
+                ) from None
+  want = part_specs(shape, layout, block_size, dq)
+  if sorted(parts) != sorted(want):
+    raise error(f"{where}: holds NF4 arrays {sorted(parts)}, expected {sorted(want)}")
+  for name, (s, d) in want.items():
+    got = parts[name]
+    if tuple(got.shape) != s or jnp.dtype(got.dtype).name != d:
+      raise error(f"{where}: NF4 array '{name}' is shape {tuple(got.shape)} dtype "
+                  f"{jnp.dtype(got.dtype).name}, expected shape {s} dtype {d}")
+  return NF4Array(parts["codes"], parts["absmax"], parts.get("nested_absmax"),
+                  parts.get("offset"), shape=shape, dtype=jnp.dtype(dtype), layout=layout,
+                  block_size=block_size)
