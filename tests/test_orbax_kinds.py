@@ -184,3 +184,17 @@ def test_an_adapter_of_a_residual_base_never_loads_onto_another(tmp_path, init):
   for k in params:
     np.testing.assert_allclose(jlora.merge(params, back)[k], jlora.merge(residual, trained)[k],
                                atol=1e-5)
+
+
+def test_a_loftq_adapter_keeps_to_its_quantized_base(tmp_path):
+  w = {"w": jax.random.normal(jax.random.key(0), (128, 64))}
+  spec = jlora.LoraSpec(rank=4, targets=["w"], init="loftq")
+  q, t = jlora.lora_transform(w, spec, key=jax.random.key(1))
+  jlora.orbax.save(tmp_path / "a", t, spec, base=q)          # the NF4 base's arrays hashed
+  assert_trees_equal(jlora.orbax.load(tmp_path / "a", base=q)[0], t)
+  other, _ = jlora.lora_transform({"w": w["w"] * 1.01}, spec, key=jax.random.key(1))
+  with pytest.raises(jlora.LoraCheckpointError, match="made with init='loftq'"):
+    jlora.orbax.load(tmp_path / "a", base=other)
+  with pytest.raises(jlora.LoraPeftError, match="NF4 quantization of a residual.*no exact "
+                                                "adapter"):
+    jlora.peft.save(tmp_path / "p", t, jlora.peft.Rules(), initial=t)
