@@ -19,6 +19,7 @@ from jlora.combine import Combination, combine
 from jlora.dora import DoraParam
 from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
                           LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
+from jlora.inits import relative_to_original
 from jlora.interpret import infer_layouts, lora
 from jlora.layout import Layout
 from jlora.lora_param import LoraParam
@@ -75,6 +76,7 @@ __all__ = [
     "select_adapter",
     "combine",
     "Combination",
+    "relative_to_original",
     # errors
     "LoraError",
     "LoraSpecError",

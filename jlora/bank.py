@@ -17,18 +17,19 @@ has zero factors there: it contributes nothing and learns nothing there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
-from jlora.adapter import Adapter, is_adapter
+from jlora.adapter import Adapter, is_adapter, register_kind
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
+from jlora.lora_param import LoraParam, pair_axes
 
 
+@register_kind
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraBank(Adapter):
@@ -59,6 +60,8 @@ class LoraBank(Adapter):
   layout: Layout = dataclasses.field(metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
+  kind: ClassVar[str] = "bank"
+
   @property
   def size(self) -> int:
     """The number of adapters."""
@@ -71,6 +74,11 @@ class LoraBank(Adapter):
 
   def array_shapes(self) -> tuple[tuple[int, ...], ...]:
     return tuple(self.a.shape), tuple(self.b.shape)
+
+  @classmethod
+  def array_axes(cls, layout: Layout) -> dict[str, tuple[int | None, ...]]:
+    # The adapter axis leads; each adapter's pair follows W0 as a LoraParam's does.
+    return {name: (None,) + axes for name, axes in pair_axes(layout).items()}
 
   def merged(self, w0: Any) -> Any:
     raise LoraTreeError("a bank holds several adapters; merge one of them "
@@ -140,13 +148,28 @@ def stack_adapters(adapters: Mapping[str, Any]) -> Any:
   for i, (path, _) in enumerate(pairs0):
     leaves = {name: flat[name][0][i][1] for name in names}
     for name, leaf in leaves.items():
-      if leaf is not None and not isinstance(leaf, LoraParam):
-        raise LoraTreeError(f"'{path}' is trained in full by adapter {name!r}; a bank holds "
-                            f"LoRA factors only (merge that weight into the base, or leave it "
-                            f"out of the spec's extra_trainable)")
+      _check_stackable(path, name, leaf)
     present = {name: leaf for name, leaf in leaves.items() if leaf is not None}
     out.append(_stack_one(path, names, present) if present else None)
   return treedef.unflatten(out)
+
+
+def _check_stackable(path: str, name: str, leaf: Any) -> None:
+  if leaf is None or (isinstance(leaf, LoraParam) and leaf.residual is None):
+    return
+  if isinstance(leaf, LoraParam):
+    raise LoraTreeError(
+        f"'{path}' of adapter {name!r} is relative to the residual weights its init "
+        f"({leaf.residual!r}) left in frozen, not to the base the bank shares; make it "
+        f"relative to the original weights first (jlora.relative_to_original)")
+  if is_adapter(leaf):
+    raise LoraTreeError(
+        f"'{path}' of adapter {name!r} is a {type(leaf).__name__} ({leaf.kind!r}); a bank "
+        f"holds plain LoRA pairs (jlora.LoraParam) only: DoRA adapters and banks cannot be "
+        f"stacked (merge a DoRA adapter into the base, or serve it alone)")
+  raise LoraTreeError(f"'{path}' is trained in full by adapter {name!r}; a bank holds "
+                      f"LoRA factors only (merge that weight into the base, or leave it "
+                      f"out of the spec's extra_trainable)")
 
 
 def _stack_one(path: str, names: tuple[str, ...], present: Mapping[str, LoraParam]) -> LoraBank:

@@ -45,7 +45,7 @@ from jlora import peft
 from jlora.errors import LoraError, LoraFileError, LoraPeftError
 from jlora._paths import flatten_with_paths
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
+from jlora.adapter import is_adapter
 from jlora.orbax import fingerprint
 from jlora.peft import axes as peft_axes
 from jlora.quant.nf4 import NF4Array
@@ -233,19 +233,28 @@ def _format_inspect(info: dict[str, Any]) -> str:
     for note in info.get("spec_notes") or ():
       lines.append(f"  note: {note}")
   if info["format"] == "jlora":
-    rows = [["path", "rank", "scale", "W0 shape", "dtype", "A", "B", "layout"]]
-    rows += [[t["path"], str(t["rank"]), f"{t['scale']:g}", _shape_str(t["shape"]),
-              t["dtype"], _shape_str(t["a_shape"]), _shape_str(t["b_shape"]),
-              _layout_str(t["layout"])] for t in info["targets"]]
+    rows = [["path", "kind", "rank", "scale", "W0 shape", "dtype", "A", "B", "layout"]]
+    rows += [[t["path"], t.get("kind", "lora") + (f" ({t['residual']})" if t.get("residual")
+                                                  else ""),
+              str(t["rank"]), "-" if t["scale"] is None else f"{t['scale']:g}",
+              _shape_str(t["shape"]), t["dtype"], _shape_str(t["a_shape"]),
+              _shape_str(t["b_shape"]), _layout_str(t["layout"])] for t in info["targets"]]
     lines.append(f"targets ({len(info['targets'])}):")
     lines += _table(rows)
+    if info.get("adapters"):
+      lines.append(f"adapters ({len(info['adapters'])}, a bank):")
+      lines += _table([[repr(a["name"]), f"{a['targets']} weights",
+                        "rank " + "/".join(str(r) for r in a["ranks"]),
+                        "scale " + "/".join(f"{x:g}" for x in a["scales"])]
+                       for a in info["adapters"]])
     if info["extra_trainable"]:
       lines.append(f"extra trainable ({len(info['extra_trainable'])}):")
       lines += _table([[e["path"], _shape_str(e["shape"]), e["dtype"]]
                        for e in info["extra_trainable"]])
   else:
-    rows = [["module", "rank", "alpha", "scale", "in", "out", "dtype"]]
-    rows += [[t["module"], str(t["rank"]), f"{t['alpha']}",
+    rows = [["module", "kind", "rank", "alpha", "scale", "in", "out", "dtype"]]
+    rows += [[t["module"], t.get("kind", "linear") + ("+dora" if "magnitude_shape" in t else ""),
+              str(t["rank"]), f"{t['alpha']}",
               "-" if t["scale"] is None else f"{t['scale']:g}", str(t["in"]), str(t["out"]),
               t["factor_dtype"]] for t in info["targets"]]
     lines.append(f"targets ({len(info['targets'])} modules):")
@@ -323,7 +332,7 @@ def _merge_trees(frozen: Any, trainable: Any, quiet: bool, check_finite: bool
   """``jlora.merge`` one parameter at a time, under a progress bar."""
   import jlora
   from tqdm import tqdm
-  is_leaf = lambda x: isinstance(x, LoraParam)  # noqa: E731
+  is_leaf = is_adapter
   f_pairs = flatten_with_paths(frozen)[0]
   t_pairs = dict(flatten_with_paths(trainable, is_leaf=is_leaf)[0])
   out = collections.OrderedDict()
@@ -331,7 +340,7 @@ def _merge_trees(frozen: Any, trainable: Any, quiet: bool, check_finite: bool
   for path, w0 in tqdm(f_pairs, desc="merging", unit="param", disable=True if quiet else None,
                        file=sys.stderr, leave=False):
     t = t_pairs.get(path)
-    if isinstance(t, LoraParam):
+    if is_adapter(t):     # any kind: LoRA, DoRA (a bank is refused by jlora.merge)
       out[path] = jlora.merge({path: w0}, {path: t}, check_finite=check_finite)[path]
     elif t is not None:
       out[path] = t  # trained in full
@@ -372,8 +381,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
   merged = _merge_trees(frozen, trainable, args.quiet, args.check_finite)
   merged = collections.OrderedDict((p, merged[p]) for p in base)  # the base's order
   written = base_files.save(out, merged, overwrite=args.overwrite)
-  n_adapted = sum(isinstance(x, LoraParam) for x in jax.tree.leaves(
-      trainable, is_leaf=lambda x: isinstance(x, LoraParam)))
+  n_adapted = sum(is_adapter(x) for x in jax.tree.leaves(trainable, is_leaf=is_adapter))
   print(f"wrote {written} ({fmt}): {len(merged)} parameters, {n_adapted} merged with the "
         f"adapter")
   return 0
@@ -418,8 +426,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   adapter = _load_peft(args.src, base, args)
   jorbax.save(dst, adapter.trainable, adapter.spec, base=adapter.frozen,
               overwrite=args.overwrite)
-  n = sum(isinstance(x, LoraParam) for x in jax.tree.leaves(
-      adapter.trainable, is_leaf=lambda x: isinstance(x, LoraParam)))
+  n = sum(is_adapter(x) for x in jax.tree.leaves(adapter.trainable, is_leaf=is_adapter))
   print(f"wrote {dst} (jlora orbax adapter): {n} adapted parameters")
   return 0
 

@@ -95,7 +95,11 @@ def combine(adapters: Mapping[str, Any] | Sequence[Any], weights: Sequence[float
     for _, leaf in parts:
       if not isinstance(leaf, LoraParam):
         raise LoraTreeError(f"combine: '{path}' is not a LoraParam (a weight trained in "
-                            f"full, or a bank); only LoRA pairs combine")
+                            f"full, a DoRA adapter or a bank); only LoRA pairs combine")
+      if leaf.residual is not None:
+        raise LoraTreeError(f"combine: '{path}' is relative to the residual weights its init "
+                            f"({leaf.residual!r}) left in frozen; make it relative to the "
+                            f"original weights first (jlora.relative_to_original)")
     if not parts:
       out.append(None)
       continue

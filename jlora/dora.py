@@ -14,17 +14,18 @@ from ``W0^T A`` (fan_out x r) and ``A^T A`` (r x r).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jlora.adapter import Adapter
+from jlora.adapter import Adapter, register_kind
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
-from jlora.lora_param import lowrank_product
+from jlora.lora_param import lowrank_product, pair_axes
 
 
+@register_kind
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DoraParam(Adapter):
@@ -40,6 +41,7 @@ class DoraParam(Adapter):
     scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
     layout: which weight axes the factors cover.
     dropout: the LoRA dropout rate.
+    residual: as for ``LoraParam``: the base-changing init that made it, if any.
   """
 
   a: Any
@@ -48,6 +50,9 @@ class DoraParam(Adapter):
   scale: float = dataclasses.field(metadata=dict(static=True))
   layout: Layout = dataclasses.field(metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  residual: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  kind: ClassVar[str] = "dora"
 
   @property
   def rank(self) -> int:
@@ -60,6 +65,11 @@ class DoraParam(Adapter):
 
   def array_shapes(self) -> tuple[tuple[int, ...], ...]:
     return tuple(self.a.shape), tuple(self.b.shape), tuple(self.magnitude.shape)
+
+  @classmethod
+  def array_axes(cls, layout: Layout) -> dict[str, tuple[int | None, ...]]:
+    # The magnitude follows W0's stack and output axes.
+    return {**pair_axes(layout), "magnitude": layout.stack_axes + layout.out_axes}
 
   def merged(self, w0: jax.Array) -> jax.Array:
     v = w0 + lowrank_product(self.a, self.b, self.scale, self.layout, w0.dtype)

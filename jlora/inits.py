@@ -28,7 +28,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._paths import flatten_with_paths
+from jlora.adapter import is_adapter
+from jlora.errors import LoraTreeError
 from jlora.layout import Layout
+from jlora.lora_param import LoraParam
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _LOFTQ = re.compile(r"loftq(?:_iter_([1-9]\d*))?")
@@ -148,3 +152,75 @@ def from_base(init: str, w0: jax.Array, layout: Layout, rank: int, scale: float,
   res = res.reshape(stack + ins + outs)
   inverse = [order.index(axis) for axis in range(len(order))]
   return a, b, jnp.transpose(res, inverse).astype(w0.dtype)
+
+
+def relative_to_original(trainable: Any, initial: Any) -> Any:
+  """An adapter made by a base-changing init, made relative to the original weights.
+
+  PiSSA and OLoRA train against a residual ``R = W - s B0 A0`` (``frozen``),
+  so the trained ``R + s B A`` is ``W + s (B A - B0 A0)``: a plain LoRA
+  adapter of the original ``W`` with rank ``2r``, ``A' = [A; A0]`` and
+  ``B' = [B, -B0]`` at the same scale. PEFT writes the same conversion
+  (``save_pretrained(path_initial_model_for_weight_conversion=...)``). The
+  result can be saved for, loaded onto and merged into the original weights.
+
+  Args:
+    trainable: the trained tree (``LoraParam`` leaves with ``residual`` set).
+    initial: the trainable tree ``lora_transform`` returned, before training
+      (the initial factors ``A0``, ``B0``).
+
+  Returns:
+    A trainable tree with a rank-2r ``LoraParam`` (``residual=None``) at each
+    weight that was relative to a residual; other leaves as in ``trainable``.
+
+  Raises:
+    LoraTreeError: the trees differ, a DoRA adapter (its magnitude is relative
+      to the residual's norms: no plain LoRA form exists), a LoftQ adapter (its
+      quantized base is not exactly the original minus the initial update),
+      or ``initial`` does not match ``trainable`` (another init, rank, scale
+      or layout).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> w = jax.random.normal(jax.random.key(0), (8, 6))
+    >>> spec = jlora.LoraSpec(rank=2, targets=["w"], init="pissa")
+    >>> residual, t0 = jlora.lora_transform({"w": w}, spec, key=jax.random.key(1))
+    >>> t = jax.tree.map(lambda x: x * 1.5, t0)                   # "trained"
+    >>> plain = jlora.relative_to_original(t, t0)
+    >>> plain["w"].rank, plain["w"].residual
+    (4, None)
+    >>> bool(jnp.allclose(jlora.merge({"w": w}, plain)["w"], jlora.merge(residual, t)["w"],
+    ...                   atol=1e-5))
+    True
+  """
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=is_adapter)
+  i_pairs, i_def = flatten_with_paths(initial, is_leaf=is_adapter)
+  if t_def != i_def:
+    raise LoraTreeError("relative_to_original: trainable and initial are not trees of the "
+                        "same adapters (pass the trainable tree lora_transform returned)")
+  out = []
+  for (path, t), (_, t0) in zip(t_pairs, i_pairs):
+    if not is_adapter(t) or getattr(t, "residual", None) is None:
+      out.append(t)
+      continue
+    if is_loftq(t.residual):
+      raise LoraTreeError(
+          f"'{path}' was made with init={t.residual!r}: its base is the NF4 quantization of a "
+          f"residual, so the original weights are only approximately that base plus the "
+          f"initial factors, and no exact adapter of them exists; keep the quantized base "
+          f"with the adapter")
+    if not isinstance(t, LoraParam):
+      raise LoraTreeError(
+          f"'{path}' is a {type(t).__name__} made with init={t.residual!r}; its magnitude "
+          f"is relative to the residual's column norms, so it has no exact form as a plain "
+          f"adapter of the original weights")
+    if (not isinstance(t0, LoraParam) or t0.residual != t.residual or t0.layout != t.layout
+        or t0.scale != t.scale or t0.a.shape != t.a.shape or t0.b.shape != t.b.shape):
+      raise LoraTreeError(
+          f"'{path}': initial does not hold this adapter's initial factors (another init, "
+          f"rank, scale or layout); pass the trainable tree lora_transform returned")
+    ns = len(t.layout.stack_axes)
+    out.append(LoraParam(a=jnp.concatenate([t.a, t0.a.astype(t.a.dtype)], axis=-1),
+                         b=jnp.concatenate([t.b, -t0.b.astype(t.b.dtype)], axis=ns),
+                         scale=t.scale, layout=t.layout, dropout=t.dropout))
+  return t_def.unflatten(out)

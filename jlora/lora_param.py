@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.adapter import Adapter
+from jlora.adapter import Adapter, register_kind
 from jlora.layout import Layout
 
 
+@register_kind
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraParam(Adapter):
@@ -31,6 +32,11 @@ class LoraParam(Adapter):
     layout: which weight axes A and B cover.
     dropout: rate of the dropout on the LoRA path's input (when a dropout key
       is given to the transformed function).
+    residual: None for an adapter of the original W0. For one made by an init
+      that moves part of W0 into the factors (``"pissa"``, ``"olora"``...),
+      that init's name: the adapter is relative to the *residual* W0 that
+      ``lora_transform`` returned in ``frozen``, not to the original weights,
+      and the file formats keep it from being loaded onto another base.
   """
 
   a: Any
@@ -38,6 +44,9 @@ class LoraParam(Adapter):
   scale: float = dataclasses.field(metadata=dict(static=True))
   layout: Layout = dataclasses.field(metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  residual: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  kind: ClassVar[str] = "lora"
 
   @property
   def rank(self) -> int:
@@ -49,6 +58,10 @@ class LoraParam(Adapter):
 
   def array_shapes(self) -> tuple[tuple[int, ...], ...]:
     return tuple(self.a.shape), tuple(self.b.shape)
+
+  @classmethod
+  def array_axes(cls, layout: Layout) -> dict[str, tuple[int | None, ...]]:
+    return pair_axes(layout)
 
   def merged(self, w0: jax.Array) -> jax.Array:
     return w0 + self.delta(w0.dtype)
@@ -74,3 +87,14 @@ def lowrank_product(a: jax.Array, b: jax.Array, scale: float, layout: Layout,
   order = layout.stack_axes + layout.in_axes + layout.out_axes
   inverse = [order.index(axis) for axis in range(len(order))]
   return jnp.transpose(prod, inverse) * jnp.asarray(scale, dtype)
+
+
+def pair_axes(layout: Layout) -> dict[str, tuple[int | None, ...]]:
+  """The weight axes of a pair's ``a (*stack, *in, r)`` and ``b (*stack, r, *out)``.
+
+  Example:
+    >>> pair_axes(Layout((0,), (1,)))
+    {'a': (0, None), 'b': (None, 1)}
+  """
+  stack = layout.stack_axes
+  return {"a": stack + layout.in_axes + (None,), "b": stack + (None,) + layout.out_axes}

@@ -51,6 +51,25 @@ def leaf_sharding(leaf: Any) -> Any:
     return None
 
 
+def array_sharding(sharding: Any, axes: tuple[int | None, ...], ndim: int
+                   ) -> NamedSharding | None:
+  """The NamedSharding of an adapter array whose axes follow the weight axes
+  ``axes`` (None: an axis of its own, replicated), for a weight of ``sharding``.
+
+  Example:
+    >>> import jax
+    >>> mesh = jax.make_mesh((1,), ("model",))
+    >>> w = NamedSharding(mesh, PartitionSpec(None, "model"))
+    >>> array_sharding(w, (None, 1), 2).spec          # a magnitude-like (r, out) array
+    P(None, 'model')
+  """
+  if not isinstance(sharding, NamedSharding):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  return NamedSharding(sharding.mesh,
+                       PartitionSpec(*(None if ax is None else spec[ax] for ax in axes)))
+
+
 def _axes_sharding(sharding: Any, axes: tuple[int, ...], ndim: int) -> NamedSharding | None:
   """The sharding of W0's ``axes``, in that order (None if W0 has no NamedSharding)."""
   if not isinstance(sharding, NamedSharding):

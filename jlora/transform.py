@@ -201,6 +201,8 @@ def lora_transform(params: Any, spec: LoraSpec, *, key: jax.Array | None = None,
         frozen[i], trainable[i] = _from_base(pairs[i], trainable[i], spec, key)
       elif inits.is_loftq(spec.init):   # planning: the base is NF4 too
         frozen[i] = quantize_array(pairs[i][1], trainable[i].layout, path=pairs[i][0])
+      # Marked, abstract or not: the adapter is relative to the residual W0.
+      trainable[i] = dataclasses.replace(trainable[i], residual=spec.init)
   if spec.use_dora:
     for i in targets:
       trainable[i] = _with_magnitude(pairs[i][1], trainable[i])
@@ -244,7 +246,8 @@ def _with_magnitude(w0: Any, lp: LoraParam) -> DoraParam:
   else:
     dense = w0.dequantize(jnp.float32) if is_weight_node(w0) else jnp.asarray(w0, jnp.float32)
     m = column_norm(dense, lay).astype(lp.a.dtype)
-  return DoraParam(a=lp.a, b=lp.b, magnitude=m, scale=lp.scale, layout=lay, dropout=lp.dropout)
+  return DoraParam(a=lp.a, b=lp.b, magnitude=m, scale=lp.scale, layout=lay, dropout=lp.dropout,
+                   residual=lp.residual)
 
 
 def split_trees(frozen: Any, trainable: Any):

@@ -37,7 +37,8 @@ def rename(old, new):
 BAD = {
     "peft_type": (dict(config=set_("peft_type", "IA3")), r"peft_type 'IA3' is not supported"),
     "no_peft_type": (dict(config=lambda c: c.pop("peft_type")), r"no 'peft_type'"),
-    "dora": (dict(config=set_("use_dora", True)), r"use_dora=True \(DoRA"),
+    "dora_without_magnitudes": (dict(config=set_("use_dora", True)),
+                                rf"no '{re.escape(K)}\.lora_magnitude_vector' .* use_dora is true"),
     "bias": (dict(config=set_("bias", "all")), r"bias='all' is not supported"),
     "lora_bias": (dict(config=set_("lora_bias", True)), r"lora_bias=True"),
     "pissa": (dict(config=set_("init_lora_weights", "pissa")), r"init_lora_weights='pissa'"),
@@ -61,7 +62,17 @@ BAD = {
                      rf"'{re.escape(K)}\.lora_A\.weight' \(4, 17\) .* do not fit "
                      r"'params/transformer/h/0/attn/c_attn/kernel'"),
     "dora_tensor": (dict(tensors=lambda sd: sd.update({K + ".lora_magnitude_vector": np.ones(48, np.float32)})),
-                    r"lora_magnitude_vector' is a DoRA magnitude"),
+                    r"lora_magnitude_vector' is a DoRA magnitude, but .* use_dora=false"),
+    "embedding_copy": (dict(tensors=lambda sd: sd.update({
+        PREFIX + "transformer.wte.base_layer.weight": np.ones((32, 16), np.float32)})),
+        r"'base_model\.model\.transformer\.wte\.base_layer\.weight' is a copy of the base "
+        r"weights of 'transformer\.wte'.*differs from 'params/transformer/wte/embedding'"),
+    "lookup_of_a_tied_table": (dict(tensors=lambda sd: sd.update({
+        PREFIX + "transformer.wte.lora_embedding_A": np.zeros((4, 32), np.float32),
+        PREFIX + "transformer.wte.lora_embedding_B": np.zeros((16, 4), np.float32)}),
+        config=set_("target_modules", ["c_attn", "c_proj", "wte"])),
+        r"the table of 'transformer\.wte' is tied to \['lm_head'\], and this folder adapts "
+        r"its lookup only"),
     "untargeted": (dict(config=set_("target_modules", ["c_proj"])),
                    r"module 'transformer\.h\.0\.attn\.c_attn', which target_modules \['c_proj'\] does not select"),
     "targets_more": (dict(config=set_("target_modules", ["c_attn", "c_proj", "c_fc"])),

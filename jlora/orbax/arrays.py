@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jlora import _compat
 from jlora.errors import LoraCheckpointError
-from jlora.layout import Layout
-from jlora.sharding import factor_shardings, leaf_sharding
+from jlora.sharding import array_sharding, leaf_sharding
 from jlora.orbax import names, validation
 
 def dtype_name(x: Any) -> str:
@@ -45,6 +44,25 @@ def sha256(x: Any) -> str | None:
     return None
   host = np.ascontiguousarray(np.asarray(x)).reshape(-1)
   return hashlib.sha256(host.view(np.uint8).data).hexdigest()
+
+
+def weight_sha256(w: Any) -> str | None:
+  """SHA-256 of a frozen weight's values: an array's bytes, or for a weight
+  node (an ``NF4Array``) every array it holds, in order; None when this
+  process cannot see all of it.
+
+  Example:
+    >>> import numpy as np
+    >>> weight_sha256(np.zeros(2, np.float32)) == sha256(np.zeros(2, np.float32))
+    True
+  """
+  from jlora._paths import is_weight_node
+  if not is_weight_node(w):
+    return sha256(w)
+  parts = [sha256(leaf) for leaf in jax.tree_util.tree_leaves(w)]
+  if any(p is None for p in parts):
+    return None
+  return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def array_info(x: Any) -> dict[str, Any]:
@@ -109,10 +127,12 @@ def restore_arrays(restore: validation.RestoreFn, item: str, path: pathlib.Path,
   return out
 
 
-def load_shardings(w0: Any, layout: Layout) -> tuple[Any, Any]:
+def load_shardings(w0: Any, axes: dict[str, tuple[int | None, ...]]) -> dict[str, Any]:
+  """name -> the sharding of each adapter array, derived from W0's (``axes``:
+  the weight axis each array axis follows, from ``Adapter.array_axes``)."""
   sharding = sharding_of(w0)
   if isinstance(sharding, NamedSharding):
-    return factor_shardings(sharding, layout, len(w0.shape))
+    return {name: array_sharding(sharding, ax, len(w0.shape)) for name, ax in axes.items()}
   if isinstance(sharding, SingleDeviceSharding):
-    return sharding, sharding
-  return None, None
+    return {name: sharding for name in axes}
+  return {name: None for name in axes}

@@ -12,7 +12,8 @@ import numpy as np
 
 from jlora._paths import flatten_with_paths
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
+from jlora.adapter import is_adapter
+from jlora.bank import LoraBank
 from jlora.spec import LoraSpec
 from jlora.orbax import adapter, fingerprint
 
@@ -68,9 +69,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
   Returns:
     A JSON-able dict: ``format`` ("jlora"), ``spec``, ``targets`` (per
-    adapted weight: rank, scale, shapes, dtypes, layout, dropout),
+    adapted weight: kind, rank, scale, shapes, dtypes, layout, dropout; a
+    DoRA adapter's magnitude shape; a bank's adapters, ranks and scales;
+    the init an adapter's residual base came from),
     ``extra_trainable``, ``trainable_params``, ``bytes``, ``checksums`` and
-    ``base`` (the fingerprint's hash, parameter and element counts).
+    ``base`` (the fingerprint's hash, parameter and element counts) and
+    ``adapters`` (for banks: each adapter's name, how many weights it
+    adapts, its ranks and scales; empty otherwise).
 
   Raises:
     LoraCheckpointError: not an adapter, or unreadable or corrupted.
@@ -87,7 +92,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
   """
   meta = adapter.metadata(path)
   trainable, spec = adapter.load(path, base=fingerprint.abstract_base(meta))
-  pairs = dict(flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, LoraParam))[0])
+  pairs = dict(flatten_with_paths(trainable, is_leaf=is_adapter)[0])
+  bank: dict[str, dict[str, Any]] = {}
   base_rows = {p: (shape, dtype) for p, shape, dtype in meta["base"]["params"]}
   targets, extras, count, nbytes = [], [], 0, 0
   for e in meta["entries"]:
@@ -95,14 +101,28 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     for info in infos.values():
       count += int(math.prod(info["shape"]))
       nbytes += _nbytes(info["shape"], info["dtype"])
-    if e["kind"] == "lora":
+    if e["kind"] != "extra":
       lp = pairs[e["path"]]
       shape, dtype = base_rows[e["path"]]
-      targets.append({"path": e["path"], "rank": int(lp.rank), "scale": float(lp.scale),
-                      "shape": list(shape), "dtype": dtype,
-                      "a_shape": infos["a"]["shape"], "b_shape": infos["b"]["shape"],
-                      "factor_dtype": infos["a"]["dtype"], "layout": jsonable(lp.layout),
-                      "dropout": float(lp.dropout)})
+      row = {"path": e["path"], "kind": e["kind"], "rank": int(lp.a.shape[-1]),
+             "scale": None if isinstance(lp, LoraBank) else float(lp.scale),
+             "shape": list(shape), "dtype": dtype,
+             "a_shape": infos["a"]["shape"], "b_shape": infos["b"]["shape"],
+             "factor_dtype": infos["a"]["dtype"], "layout": jsonable(lp.layout),
+             "dropout": float(lp.dropout)}
+      if "magnitude" in infos:
+        row["magnitude_shape"] = infos["magnitude"]["shape"]
+      if getattr(lp, "residual", None) is not None:
+        row["residual"] = lp.residual
+      if isinstance(lp, LoraBank):
+        row.update(adapters=list(lp.names), ranks=list(lp.ranks), scales=list(lp.scales))
+        for name, r, sc in zip(lp.names, lp.ranks, lp.scales):
+          bank.setdefault(name, {"name": name, "targets": 0, "ranks": set(), "scales": set()})
+          if r:
+            bank[name]["targets"] += 1
+            bank[name]["ranks"].add(int(r))
+            bank[name]["scales"].add(float(sc))
+      targets.append(row)
     else:
       extras.append({"path": e["path"], "shape": infos["value"]["shape"],
                      "dtype": infos["value"]["dtype"]})
@@ -118,4 +138,6 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                            f"written by jlora {meta.get('jlora_version', '?')})",
           "spec": spec_dict(spec), "spec_notes": notes, "targets": targets,
           "extra_trainable": extras, "trainable_params": count, "bytes": nbytes,
-          "checksums": "ok", "base": base}
+          "checksums": "ok", "base": base,
+          "adapters": [{**b, "ranks": sorted(b["ranks"]), "scales": sorted(b["scales"])}
+                       for b in bank.values()]}

@@ -1,4 +1,4 @@
-"""Metadata encoding: LoraSpec fields and LoraParam's static fields as JSON.
+"""Metadata encoding: LoraSpec fields and adapters' static fields as JSON.
 
 Layouts, dtypes, tuples and mappings are tagged so they decode to what they
 were; a callable selector is stored by name only (the loaded spec selects
@@ -25,13 +25,15 @@ import numpy as np
 
 from jlora.errors import LoraCheckpointError, LoraError
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
+from jlora import adapter as adapter_kinds
+# Imported for their kinds' registration (register_kind).
+from jlora import bank as _bank, dora as _dora, lora_param as _lora_param  # noqa: F401
 from jlora.spec import LoraSpec
 from jlora.orbax import names
 
 
 def encode(value: Any, what: str) -> Any:
-  """JSON form of a spec field or of LoraParam's static metadata."""
+  """JSON form of a spec field or of an adapter's static metadata."""
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
   if isinstance(value, Layout):
@@ -121,18 +123,31 @@ def decode_spec(stored: Mapping[str, Any], lora_paths: list[str], extra_paths: l
     raise LoraCheckpointError(f"{where}: the stored spec is invalid: {e}") from e
 
 
-def static_fields() -> list[str]:
-  return [f.name for f in dataclasses.fields(LoraParam) if f.metadata.get("static")]
+def adapter_class(kind: str) -> type | None:
+  """The adapter class files call ``kind`` (None for "extra" and unknown kinds)."""
+  return adapter_kinds.kind_class(kind)
 
 
-def array_fields() -> list[str]:
-  return [f.name for f in dataclasses.fields(LoraParam) if not f.metadata.get("static")]
+def static_fields(cls: type) -> list[str]:
+  return adapter_kinds.static_fields(cls)
 
+
+def array_fields(cls: type) -> list[str]:
+  return adapter_kinds.array_fields(cls)
+
+
+def encode_static(leaf: Any, path: str) -> dict[str, Any]:
+  """An adapter's static fields as JSON; a field that is None by default and
+  None here is left out, so files of plain adapters read as before."""
+  defaults = {f.name: f.default for f in dataclasses.fields(leaf)}
+  return {name: encode(getattr(leaf, name), f"'{path}' {type(leaf).__name__}.{name}")
+          for name in static_fields(type(leaf))
+          if not (getattr(leaf, name) is None and defaults.get(name) is None)}
 
 
 def spec_from_meta(meta: dict[str, Any], path: pathlib.Path) -> LoraSpec | None:
   if meta.get("spec") is None:
     return None
-  lora_paths = [e["path"] for e in meta["entries"] if e["kind"] == "lora"]
+  lora_paths = [e["path"] for e in meta["entries"] if e["kind"] != "extra"]
   extra_paths = [e["path"] for e in meta["entries"] if e["kind"] == "extra"]
   return decode_spec(meta["spec"], lora_paths, extra_paths, f"checkpoint '{path}'")

@@ -151,6 +151,9 @@ class CheckpointManager:
     self._directory = pathlib.Path(directory).absolute()
     self._base = base
     self._spec = spec
+    # Checksums of the residual W0s that PiSSA-style adapters are relative to,
+    # computed at the first save (the base does not change between steps).
+    self._residual_sums: dict[str, str | None] = {}
     self._async = async_save
     self._lock = threading.Lock()
     try:
@@ -286,7 +289,8 @@ class CheckpointManager:
       self._empty_trash()
     if not force and not self._mngr.should_save(step):
       return False
-    saved, meta = payload.adapter_payload(trainable, self._spec, self._base)
+    saved, meta = payload.adapter_payload(trainable, self._spec, self._base,
+                                          self._residual_sums)
     opt_arrays, opt_rows = payload.opt_payload(opt_state)
     try:
       json.dumps(extra)

@@ -19,16 +19,26 @@ import jax.numpy as jnp
 
 from jlora.errors import LoraCheckpointError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.lora_param import LoraParam
+from jlora.adapter import Adapter, is_adapter
+from jlora.bank import LoraBank
+from jlora.dora import DoraParam
 from jlora.spec import LoraSpec
+from jlora.inits import is_base_changing
 from jlora.transform import check_factors
 from jlora.orbax import arrays, encoding, fingerprint, names
 
 
-def adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
+def adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any,
+                    residual_sums: dict[str, str | None] | None = None
                     ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-  """The arrays and JSON metadata that store ``trainable``."""
-  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=lambda x: isinstance(x, LoraParam))
+  """The arrays and JSON metadata that store ``trainable``.
+
+  Any kind of adapter is stored the same way: its arrays (the dataclass's
+  non-static fields) as arrays, its static fields as JSON, under its kind's
+  name. An adapter made by a base-changing init (``residual`` set) also
+  records the SHA-256 of its W0 in ``base``, the residual it is relative to
+  (``residual_sums`` caches them by path across saves)."""
+  t_pairs, t_def = flatten_with_paths(trainable, is_leaf=is_adapter)
   b_pairs, b_def = flatten_with_paths(base)
   if t_def != b_def:
     t_paths, b_paths = {p for p, _ in t_pairs}, {p for p, _ in b_pairs}
@@ -48,14 +58,14 @@ def adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
     if t is None:
       continue
     key = f"p{len(entries)}"
-    if isinstance(t, LoraParam):
+    if is_adapter(t):
       if w0 is None:
         raise LoraTreeError(f"'{path}' has LoRA factors in trainable but no W0 in base")
       check_factors(path, w0, t)
       if spec is not None:
         check_spec_fits(spec, path, t)
       infos = {}
-      for name in encoding.array_fields():
+      for name in encoding.array_fields(type(t)):
         value = getattr(t, name)
         if value is None:
           infos[name] = None
@@ -63,10 +73,11 @@ def adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
         arrays.check_concrete(f"{path}:{name}", value)
         out[f"{key}_{name}"] = value
         infos[name] = arrays.array_info(value)
-      static = {name: encoding.encode(getattr(t, name), f"'{path}' LoraParam.{name}")
-                for name in encoding.static_fields()}
-      entries.append({"path": path, "kind": "lora", "key": key, "arrays": infos,
-                      "static": static})
+      entry = {"path": path, "kind": t.kind, "key": key, "arrays": infos,
+               "static": encoding.encode_static(t, path)}
+      if getattr(t, "residual", None) is not None:
+        entry["residual_sha256"] = _residual_sum(path, w0, t, residual_sums)
+      entries.append(entry)
     else:
       arrays.check_concrete(path, t)
       got = (arrays.shape(t), arrays.dtype_name(t))
@@ -97,7 +108,41 @@ def adapter_payload(trainable: Any, spec: LoraSpec | None, base: Any
   return out, meta
 
 
-def check_spec_fits(spec: LoraSpec, path: str, lp: LoraParam) -> None:
+def _residual_sum(path: str, w0: Any, t: Adapter, cache: dict[str, str | None] | None
+                  ) -> str | None:
+  """SHA-256 of the residual W0 an adapter is relative to (None when this
+  process cannot see all of it: a multi-host array)."""
+  if cache is not None and path in cache:
+    return cache[path]
+  leaves = jax.tree_util.tree_leaves(w0)       # an array, or a weight node's (NF4) arrays
+  if not leaves or any(isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype")
+                       for x in leaves):
+    raise LoraCheckpointError(
+        f"'{path}' was made with init={t.residual!r}, so it is relative to the residual W0 "
+        f"lora_transform returned in frozen; pass that frozen tree (with its arrays) as "
+        f"base= so that its checksum is recorded and no other base is ever used with it")
+  for x in leaves:
+    arrays.check_concrete(path, x)
+  digest = arrays.weight_sha256(w0)
+  if cache is not None:
+    cache[path] = digest
+  return digest
+
+
+def check_spec_fits(spec: LoraSpec, path: str, lp: Adapter) -> None:
+  if isinstance(lp, LoraBank):
+    raise LoraSpecError(f"'{path}' is a bank of adapters, each with its own spec; save a bank "
+                        f"with spec=None")
+  if spec.use_dora != isinstance(lp, DoraParam):
+    raise LoraSpecError(
+        f"'{path}': the spec has use_dora={spec.use_dora} but the trainable leaf is a "
+        f"{type(lp).__name__}; pass the spec that made it (or spec=None)")
+  residual = getattr(lp, "residual", None)
+  if residual != (spec.init if is_base_changing(spec.init) else None):
+    raise LoraSpecError(
+        f"'{path}': the spec has init={spec.init!r} but the factors were made "
+        f"{'with init=' + repr(residual) if residual else 'relative to the original W0'}; "
+        f"pass the spec that made them (or spec=None)")
   rank, scale = lp.a.shape[-1], spec.scale_for(path)
   if spec.rank_for(path) != rank or not math.isclose(scale, lp.scale, rel_tol=1e-12):
     raise LoraSpecError(
@@ -114,7 +159,7 @@ def check_spec_selects(spec: LoraSpec, t_pairs, b_pairs) -> None:
     leaf = w0 if w0 is not None else t
     if leaf is None:
       continue
-    adapted, full = isinstance(t, LoraParam), t is not None and not isinstance(t, LoraParam)
+    adapted, full = is_adapter(t), t is not None and not is_adapter(t)
     if spec.is_target(path, leaf) != adapted:
       if adapted:
         raise LoraSpecError(f"'{path}' has LoRA factors but the spec's targets "

@@ -9,9 +9,11 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora import _compat
 from jlora.errors import LoraCheckpointError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.lora_param import LoraParam
+from jlora.adapter import is_adapter
+from jlora.inits import is_base_changing
 from jlora.spec import LoraSpec
 from jlora.orbax import arrays, encoding, fingerprint, names, validation
 
@@ -35,13 +37,22 @@ def mismatch(meta: dict[str, Any], spec: LoraSpec, selection: bool = True) -> st
   """
   for e in meta["entries"]:
     path = e["path"]
-    if e["kind"] != "lora":
+    if e["kind"] == "extra":
       if selection and not spec.is_extra_trainable(path, None):
         return f"'{path}' is trained in full, but the spec's extra_trainable does not select it"
       continue
     if selection and not spec.is_target(path, None):
       return f"'{path}' has LoRA factors, but the spec's targets do not select it"
+    if e["kind"] == "bank":
+      return f"'{path}' holds a bank of adapters; a spec describes one adapter"
+    if (e["kind"] == "dora") != spec.use_dora:
+      return (f"'{path}': a {e['kind']!r} adapter stored; the spec gives "
+              f"use_dora={spec.use_dora}")
     static = {k: encoding.decode(v) for k, v in e["static"].items()}
+    residual = spec.init if is_base_changing(spec.init) else None
+    if static.get("residual") != residual:
+      return (f"'{path}': an adapter made with init={static.get('residual') or 'default'!r} "
+              f"stored; the spec gives init={spec.init!r}")
     rank = e["arrays"]["a"]["shape"][-1]
     want = (spec.rank_for(path), spec.scale_for(path), float(spec.dropout))
     got = (rank, static.get("scale"), static.get("dropout"))
@@ -71,7 +82,7 @@ def restore_trainable(restore: validation.RestoreFn, meta: dict[str, Any], base:
   index = {p: i for i, (p, _) in enumerate(b_pairs)}
   t_leaves = None
   if template is not None:
-    t_pairs, t_def = flatten_with_paths(template, is_leaf=lambda x: isinstance(x, LoraParam))
+    t_pairs, t_def = flatten_with_paths(template, is_leaf=is_adapter)
     if t_def != b_def:
       raise LoraTreeError("restore: the trainable template does not have the base's structure")
     t_leaves = [leaf for _, leaf in t_pairs]
@@ -84,16 +95,18 @@ def restore_trainable(restore: validation.RestoreFn, meta: dict[str, Any], base:
     i = index[e["path"]]
     w0 = b_pairs[i][1]
     tmpl = None if t_leaves is None else t_leaves[i]
-    if e["kind"] == "lora":
+    if e["kind"] != "extra":
+      cls = encoding.adapter_class(e["kind"])
+      check_residual(e, w0, path)
       layout = encoding.decode(e["static"]["layout"])
-      default = dict(zip(("a", "b"), arrays.load_shardings(w0, layout)))
+      default = arrays.load_shardings(w0, cls.array_axes(layout))
       for name, info in e["arrays"].items():
         if info is None:
           continue
         sharding = default.get(name)
-        if isinstance(tmpl, LoraParam) and arrays.sharding_of(getattr(tmpl, name)) is not None:
+        if is_adapter(tmpl) and arrays.sharding_of(getattr(tmpl, name, None)) is not None:
           sharding = arrays.sharding_of(getattr(tmpl, name))
-        targets[f"{e['key']}_{name}"] = (info, sharding, f"'{e['path']}' {name.upper()}")
+        targets[f"{e['key']}_{name}"] = (info, sharding, f"'{e['path']}' {name}")
     else:
       sharding = arrays.sharding_of(tmpl) if tmpl is not None else None
       if sharding is None and w0 is not None:
@@ -105,16 +118,17 @@ def restore_trainable(restore: validation.RestoreFn, meta: dict[str, Any], base:
   leaves: list[Any] = [None] * len(b_pairs)
   for e in meta["entries"]:
     i = index[e["path"]]
-    if e["kind"] == "lora":
+    if e["kind"] != "extra":
+      cls = encoding.adapter_class(e["kind"])
       fields = {name: (None if info is None else restored[f"{e['key']}_{name}"])
                 for name, info in e["arrays"].items()}
       fields.update({name: encoding.decode(v) for name, v in e["static"].items()})
       try:
-        leaves[i] = LoraParam(**fields)
+        leaves[i] = cls(**fields)
       except TypeError as err:
         raise LoraCheckpointError(
-            f"checkpoint '{path}': '{e['path']}' has LoRA fields this jlora does not know "
-            f"({err})") from err
+            f"checkpoint '{path}': '{e['path']}' has {e['kind']!r} adapter fields this jlora "
+            f"does not know ({err})") from err
     else:
       leaves[i] = restored[f"{e['key']}_value"]
   trainable = b_def.unflatten(leaves)
@@ -124,6 +138,29 @@ def restore_trainable(restore: validation.RestoreFn, meta: dict[str, Any], base:
         "restore: the trainable template's structure (or LoRA scale/layout/dropout) differs "
         "from the checkpoint's")
   return trainable
+
+
+def check_residual(entry: dict[str, Any], w0: Any, path: pathlib.Path) -> None:
+  """An adapter made by a base-changing init (PiSSA, OLoRA) is relative to the
+  residual W0 it was saved with: a base whose W0 differs there (the original
+  weights, say) is refused. Checked where ``base`` holds the arrays (an
+  abstract base has no values to check)."""
+  want = entry.get("residual_sha256")
+  leaves = jax.tree_util.tree_leaves(w0)
+  if want is None or not leaves or any(
+      isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype") or _compat.is_tracer(x)
+      for x in leaves):
+    return
+  got = arrays.weight_sha256(w0)
+  if got is not None and got != want:
+    init = encoding.decode(entry["static"].get("residual"))
+    raise LoraCheckpointError(
+        f"checkpoint '{path}': '{entry['path']}' was made with init={init!r}, so it is "
+        f"relative to the residual W0 that lora_transform returned in frozen (sha256 "
+        f"{want[:12]}...), and this base holds other values there (sha256 {got[:12]}...: "
+        f"perhaps the original weights). Load it with the residual base it was trained "
+        f"against (save that with jlora.base.save), or save "
+        f"jlora.relative_to_original(trainable, initial) for the original weights")
 
 
 def restore_opt_state(restore: validation.RestoreFn, train_meta: dict[str, Any], template: Any,

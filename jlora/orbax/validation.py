@@ -79,7 +79,34 @@ def read_json(restore: RestoreFn, item: str, path: pathlib.Path, fmt: str) -> di
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise LoraCheckpointError(
         f"checkpoint '{path}': '{item}' is malformed ({type(e).__name__}: {e})") from e
+  if fmt == names.FORMAT:
+    check_kinds(meta, path)
   return meta
+
+
+def check_kinds(meta: dict[str, Any], path: pathlib.Path) -> None:
+  """Every adapter in the metadata is of a kind this jlora knows, with the
+  fields it knows: refused before any array is read, never loaded half-way."""
+  from jlora import adapter as adapter_kinds
+  written = meta.get("jlora_version", "?")
+  for e in meta["entries"]:
+    if e["kind"] == "extra":
+      continue
+    cls = encoding.adapter_class(e["kind"])
+    if cls is None:
+      raise LoraCheckpointError(
+          f"checkpoint '{path}': '{e['path']}' holds a {e['kind']!r} adapter, a kind this "
+          f"jlora does not know (it reads {', '.join(adapter_kinds.known_kinds())}); it was "
+          f"written by jlora {written}: load it with that version or a later one")
+    arrays_, static = set(e["arrays"]), set(e["static"])
+    unknown = sorted((arrays_ - set(encoding.array_fields(cls)))
+                     | (static - set(encoding.static_fields(cls))))
+    missing = sorted(set(encoding.array_fields(cls)) - arrays_)
+    if unknown or missing:
+      raise LoraCheckpointError(
+          f"checkpoint '{path}': '{e['path']}' is a {e['kind']!r} adapter with fields this "
+          f"jlora does not know ({unknown}) or lacks ({missing}); it was written by jlora "
+          f"{written}: load it with that version or a later one")
 
 
 def require(ok: bool, what: str) -> None:
@@ -103,10 +130,14 @@ def validate(meta: dict[str, Any], fmt: str) -> None:
   base_paths = {row[0] for row in meta["base"]["params"]}
   require(isinstance(meta["base"]["sha256"], str), "base hash")
   for e in meta["entries"]:
-    require(e["kind"] in ("lora", "extra") and isinstance(e["key"], str), "entry")
+    require(isinstance(e["kind"], str) and isinstance(e["key"], str), "entry")
     require(e["kind"] == "extra" or e["path"] in base_paths, f"entry {e['path']!r}")
+    require(isinstance(e["arrays"], dict), f"arrays of {e['path']!r}")
     for info in e["arrays"].values():
       if info is not None or e["kind"] == "extra":
         validate_info(info)
-    if e["kind"] == "lora":
+    if e["kind"] != "extra":
+      require(isinstance(e["static"], dict), f"static fields of {e['path']!r}")
       require(isinstance(encoding.decode(e["static"]["layout"]), Layout), "layout")
+      residual = e.get("residual_sha256")
+      require(residual is None or isinstance(residual, str), "residual checksum")

@@ -141,8 +141,8 @@ def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
   """Reads PEFT's multi-adapter folder into a bank for ``params``.
 
   Every adapter is read and checked as ``jlora.peft.load`` reads one; they
-  are then stacked (ranks may differ; ``modules_to_save`` cannot be part of a
-  bank and is refused).
+  are then stacked (ranks may differ; ``modules_to_save`` and DoRA adapters
+  cannot be part of a bank and are refused).
 
   Args:
     path: the folder (its subfolders, and itself if it holds an adapter).
@@ -163,6 +163,10 @@ def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
   loaded = {name: load(folder, params, rules, layouts=layouts, dtype=dtype)
             for name, folder in folders.items()}
   for name, adapter in loaded.items():
+    if adapter.config.get("use_dora"):
+      raise LoraPeftError(f"'{folders[name]}': adapter {name!r} is a DoRA adapter (use_dora); "
+                          f"a bank holds plain LoRA pairs only: load it alone with "
+                          f"jlora.peft.load")
     if adapter.config.get("modules_to_save"):
       raise LoraPeftError(f"'{folders[name]}': adapter {name!r} trains modules in full "
                           f"(modules_to_save {adapter.config['modules_to_save']!r}); a bank "

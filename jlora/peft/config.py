@@ -1,7 +1,7 @@
 r"""The policy for ``adapter_config.json``: what jlora refuses, and PEFT's matching.
 
 jlora loads a PEFT adapter only if it can compute exactly what PEFT would:
-options that change the adapted function and that jlora lacks (DoRA, trained
+options that change the adapted function and that jlora lacks (trained
 biases, PiSSA-style initialisations, other PEFT types, unknown keys) are
 refused, naming the option. The functions below reproduce how PEFT 0.21
 decides which modules a config targets, trains in full, and which rank and
@@ -28,12 +28,10 @@ from jlora.errors import LoraPeftError
 # Options that change what an adapter computes and that jlora does not
 # implement: loading them would silently give a different model.
 MUST_BE_OFF = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets",
     "trainable_token_indices": "trainable tokens",
     "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing",
@@ -51,6 +49,7 @@ KNOWN = {
     "task_type", "inference_mode", "peft_version", "megatron_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    "use_dora", "target_parameters",
 }
 # init_lora_weights values whose adapter is relative to the unmodified base.
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -158,7 +157,11 @@ def _check_types(config: Mapping[str, Any], where: str) -> None:
                               or not 0 <= dropout < 1):
     raise LoraPeftError(f"{where}: lora_dropout must be a number in [0, 1), got "
                         f"{_show(dropout)}")
-  for key in ("use_rslora", "fan_in_fan_out"):
+  params = config.get("target_parameters")
+  if params is not None and not _str_list(params):
+    raise LoraPeftError(f"{where}: target_parameters must be a list of parameter names or "
+                        f"null, got {_show(params)}")
+  for key in ("use_rslora", "fan_in_fan_out", "use_dora", "ensure_weight_tying"):
     if config.get(key) not in (None, True, False):
       raise LoraPeftError(f"{where}: {key} must be true or false, got {_show(config[key])}")
 
@@ -236,3 +239,10 @@ def read(cfg_file: str | os.PathLike) -> dict[str, Any]:
   if not isinstance(config, dict):
     raise LoraPeftError(f"'{cfg_file}': expected a JSON object, got {type(config).__name__}")
   return config
+
+
+def targets_parameter(config: Mapping[str, Any], name: str) -> bool:
+  """Whether PEFT's ``target_parameters`` selects the parameter ``name``
+  (``module.param``): the name itself or a '.'-aligned suffix of it."""
+  wanted = config.get("target_parameters") or ()
+  return name in wanted or any(name.endswith(f".{t}") for t in wanted)

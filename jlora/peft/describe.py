@@ -39,8 +39,10 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
   Returns:
     A JSON-able dict: ``format`` ("peft"), ``spec`` (rank, alpha, rsLoRA,
-    targets, patterns, modules_to_save, ...), ``targets`` (per module:
-    rank, alpha, scale, in and out widths, factor dtype),
+    targets, patterns, modules_to_save, use_dora, target_parameters, ...),
+    ``targets`` (per module: kind (linear, conv, embedding or parameter),
+    rank, alpha, scale, in and out widths, factor dtype, a DoRA magnitude's
+    shape; a parameter's rank is PEFT's r times its experts),
     ``modules_to_save`` (the tensors trained in full), ``trainable_params``,
     ``bytes`` and ``checksums`` ("ok" once jlora's checksums are verified, for
     a folder jlora wrote).
@@ -97,24 +99,36 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     dtype = _ST_DTYPES.get(dt, dt.lower())
     count += int(math.prod(shape))
     nbytes += _nbytes(shape, dtype)
-    parsed = names.parse_lora_key(key)
+    rest = names.strip_prefix(key)
+    parsed = names.parse_adapter_key(rest if rest is not None else key)
     if parsed:
       modules.setdefault(parsed[0], {})[parsed[1]] = (shape, dtype)
     else:
-      full.append({"key": key, "shape": shape, "dtype": dtype})
+      base_copy = key.endswith(names.BASE_LAYER + ".weight")
+      full.append({"key": key, "shape": shape, "dtype": dtype,
+                   **({"base_copy": True} if base_copy else {})})
   targets = []
+  experts = set(config.get("target_parameters") or ())
   for module, parts in modules.items():
-    a, b = parts.get("A"), parts.get("B")
+    emb = "embA" in parts or "embB" in parts
+    a, b = (parts.get("embA"), parts.get("embB")) if emb else (parts.get("A"), parts.get("B"))
+    kind = ("embedding" if emb else "conv" if a and len(a[0]) > 2
+            else "parameter" if experts and not _is_module_target(config, module)
+            else "linear")
     rank = a[0][0] if a else (b[0][1] if b else None)
     mod_alpha = peft_config.pattern_value(config.get("alpha_pattern"), module, alpha)
     mod_r = peft_config.pattern_value(config.get("rank_pattern"), module, r)
     scale = None
     if isinstance(mod_alpha, (int, float)) and rank:
       scale = float(mod_alpha) / (math.sqrt(rank) if rslora else rank)
-    targets.append({"module": module, "rank": rank, "config_rank": mod_r, "alpha": mod_alpha,
-                    "scale": scale, "in": a[0][1] if a else None,
+    m = parts.get("m")
+    targets.append({"module": module, "kind": kind, "rank": rank, "config_rank": mod_r,
+                    "alpha": mod_alpha, "scale": scale,
+                    "in": a[0][1] if a else None,
                     "out": b[0][0] if b else None, "a_shape": a[0] if a else None,
-                    "b_shape": b[0] if b else None, "factor_dtype": (a or b)[1]})
+                    "b_shape": b[0] if b else None,
+                    "factor_dtype": (a or b or m)[1],
+                    **({"magnitude_shape": m[0]} if m else {})})
   spec = {"rank": r, "alpha": alpha, "use_rslora": rslora,
           "targets": config.get("target_modules"),
           "exclude": config.get("exclude_modules"),
@@ -124,6 +138,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
           "modules_to_save": config.get("modules_to_save"),
           "fan_in_fan_out": config.get("fan_in_fan_out"),
           "use_dora": bool(config.get("use_dora", False)),
+          "target_parameters": config.get("target_parameters"),
+          "ensure_weight_tying": bool(config.get("ensure_weight_tying", False)),
           "peft_type": config.get("peft_type"),
           "base_model_name_or_path": config.get("base_model_name_or_path")}
   return {"path": str(folder), "format": "peft",
@@ -132,6 +148,10 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
           "spec": spec, "targets": targets, "modules_to_save": full,
           "trainable_params": count, "bytes": nbytes,
           "checksums": "ok" if marked else "none (not written by jlora)", "base": None}
+
+
+def _is_module_target(config: dict[str, Any], module: str) -> bool:
+  return bool(peft_config.targets(config, names.unnest(module)[0]))
 
 
 def is_adapter(path: str | os.PathLike) -> bool:

@@ -14,15 +14,17 @@ import jax
 import numpy as np
 
 from jlora import _atomic, _multihost
-from jlora.errors import LoraLayoutError, LoraPeftError
+from jlora.errors import LoraLayoutError, LoraPeftError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.lora_param import LoraParam
+from jlora.adapter import is_adapter
+from jlora.bank import LoraBank
+from jlora.dora import DoraParam
+from jlora.inits import relative_to_original
 from jlora.spec import LoraSpec
 from jlora.peft import config as peft_config
 from jlora.peft import mark, names
 from jlora.layout import Layout
-from jlora.peft import axes
-from jlora.peft.axes import factors_to_torch
+from jlora.peft import axes, kinds
 from jlora.peft.rules import Rules, RulesLike, as_rules
 
 
@@ -35,7 +37,81 @@ def _clean_number(x: float) -> int | float:
 
 
 def _is_lora_param(x: Any) -> bool:
-  return isinstance(x, LoraParam)
+  return is_adapter(x)
+
+
+def _plain(pairs: list[tuple[str, Any]], treedef: Any, initial: Any
+           ) -> list[tuple[str, Any]]:
+  """The leaves to write: adapters relative to a residual base (PiSSA, OLoRA)
+  are converted to plain ones of the original weights with ``initial``, or
+  refused."""
+  marked = [(p, leaf) for p, leaf in pairs if getattr(leaf, "residual", None) is not None]
+  if not marked:
+    return pairs
+  if initial is None:
+    path, leaf = marked[0]
+    raise LoraPeftError(
+        f"'{path}' was made with init={leaf.residual!r}: it is relative to the residual W0 "
+        f"that lora_transform returned in frozen, not to the original weights a PEFT user "
+        f"loads it onto. Pass initial=<the trainable tree lora_transform returned> to write "
+        f"it as PEFT's conversion to a plain adapter of rank 2r "
+        f"(path_initial_model_for_weight_conversion)")
+  try:
+    plain = relative_to_original(treedef.unflatten([leaf for _, leaf in pairs]), initial)
+  except LoraTreeError as e:
+    raise LoraPeftError(f"cannot write an adapter of the original weights: {e}") from None
+  return flatten_with_paths(plain, is_leaf=is_adapter)[0]
+
+
+def _module_kind(rules: Rules, path: str, template: str) -> str:
+  """What PyTorch module (or parameter) a weight is: see ``jlora.peft.kinds``."""
+  leaf = path.rpartition("/")[2]
+  first = names.first_module(template)
+  if leaf in rules.embedding_leaves:
+    return kinds.EMBEDDING
+  if leaf in rules.kernel_leaves:
+    return kinds.CONV if rules.is_conv(first) else kinds.LINEAR
+  if rules.is_parameter(f"{first}.{rules.torch_param(path)}"):
+    return kinds.PARAMETER
+  return kinds.LINEAR
+
+
+def _tied_modules(rules: Rules, path: str, module_template: str, kind: str,
+                  dora: bool) -> tuple[str, ...]:
+  """The modules tied to an adapted embedding, which PEFT must adapt alike."""
+  module = names.first_module(module_template)
+  tied = rules.tied_to(module)
+  if not tied:
+    return ()
+  if module.rpartition(".")[2] != "embed_tokens":
+    raise LoraPeftError(
+        f"'{path}': the table of '{module}' is tied to {list(tied)}, and jlora adapts it in "
+        f"every use; PEFT 0.21 adapts tied modules alike (ensure_weight_tying) only for an "
+        f"embedding named 'embed_tokens', and would adapt the lookup of '{module}' alone. "
+        f"Leave the embedding out of the targets")
+  if dora:
+    raise LoraPeftError(
+        f"'{path}': DoRA on a tied table: PEFT keeps one magnitude per embedding dimension "
+        f"on '{module}' and one per token on {list(tied)}, which one table cannot hold")
+  return tied
+
+
+def _depth(rules: Rules, path: str, module_template: str, paths: list[str]) -> int:
+  """How deep PEFT nests the wrapper of an adapted parameter: the parameters
+  of one module are wrapped in the order PyTorch registers them, the first
+  innermost."""
+  if len(paths) == 1:
+    return 0
+  params = [rules.torch_param(p) for p in paths]
+  unknown = [p for p in params if p not in rules.parameter_order]
+  if unknown:
+    raise LoraPeftError(
+        f"'{path}': {len(paths)} parameters of PyTorch module '{module_template}' are adapted "
+        f"({params}); PEFT names their factors by the order the module registers them, which "
+        f"the rules do not give for {unknown}: pass Rules(parameter_order=[...]) in the "
+        f"order of the module's __init__")
+  order = sorted(params, key=rules.parameter_order.index)
+  return len(order) - 1 - order.index(rules.torch_param(path))
 
 
 def _module_template(rules: Rules, path: str, what: str) -> str:
@@ -83,6 +159,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
          task_type: str | None = None, dtype: Any = None,
          extra_config: Mapping[str, Any] | None = None,
          layouts: Mapping[str, Layout] | None = None,
+         initial: Any = None,
          overwrite: bool = False) -> dict[str, Any]:
   """Writes ``trainable``'s adapters as a PEFT LoRA adapter folder.
 
@@ -95,6 +172,11 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   ``(out, r)``: the transposes of jlora's ``a (in, r)`` and ``b (r, out)``, with
   multi-axis in/out axes flattened in the weight's axis order and each
   index of a stack axis (``nn.scan`` layers) written as its own module.
+  ``DoraParam`` adapters are written with ``use_dora=true`` and their
+  ``lora_magnitude_vector``; embedding tables, convolutions (``Rules.conv``)
+  and bare parameters such as fused experts (``Rules.parameters``, PEFT's
+  ``target_parameters``) in PEFT's layout for each (``jlora.peft.kinds``); a
+  tied table (``Rules.tied``) with ``ensure_weight_tying``.
   Plain arrays in ``trainable`` (``LoraSpec.extra_trainable``) are written
   as PEFT ``modules_to_save`` under their PyTorch names, which requires
   every parameter of their module to be trained in full.
@@ -139,6 +221,12 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
     extra_config: more keys for ``adapter_config.json`` (written last).
     layouts: path -> Layout of kernels trained in full whose storage the
       rules' ``kernel_order`` does not give (``jlora.infer_layouts``).
+    initial: for adapters made by PiSSA or OLoRA (relative to the residual
+      base in ``frozen``), the trainable tree ``lora_transform`` returned:
+      they are written as plain adapters of the original weights with rank
+      ``2r`` (``jlora.relative_to_original``), as PEFT's
+      ``path_initial_model_for_weight_conversion`` does. Without it such
+      adapters are refused: PEFT would apply them to the original weights.
     overwrite: replace an existing folder at ``path`` (one jlora wrote).
 
   Returns:
@@ -147,7 +235,8 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   Raises:
     LoraPeftError: a parameter has no module name, two map to one module,
       the stack axes and the rules disagree, the tree holds something
-      PEFT's format cannot express, ``path`` exists (without ``overwrite``,
+      PEFT's format cannot express (a bank, DoRA mixed with LoRA, DoRA on
+      target_parameters, an adapter of a residual base without ``initial``), ``path`` exists (without ``overwrite``,
       or is not a folder jlora wrote), or the file system refused.
 
   Example:
@@ -168,30 +257,50 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
     # refusal is raised everywhere alike), and process 0 alone writes.
     sync.barrier("start", LoraPeftError)
     trainable = _multihost.gather_to_host(trainable)
-  pairs, _ = flatten_with_paths(trainable, is_leaf=_is_lora_param)
+    if initial is not None:
+      initial = _multihost.gather_to_host(initial)
+  pairs, treedef = flatten_with_paths(trainable, is_leaf=is_adapter)
+  pairs = _plain(pairs, treedef, initial)
   if use_rslora is None:
     use_rslora = bool(spec.use_rslora) if spec is not None else False
   tensors: dict[str, np.ndarray] = {}
   owners: dict[str, str] = {}
+  # module (or, for target_parameters, parameter) name -> (rank, alpha)
   lora_modules: dict[str, tuple[int, int | float]] = {}
+  parameters: list[str] = []
   lora_templates: set[str] = set()
   dropouts: list[float] = []
+  kinds_seen: set[type] = set()
+  tied_any = False
+  # Several adapted parameters of one module: PEFT nests a wrapper per parameter.
+  by_module: dict[str, list[str]] = collections.defaultdict(list)
+  for path, leaf in pairs:
+    if _is_lora_param(leaf):
+      template = rules(path)
+      if template and _module_kind(rules, path, template) == kinds.PARAMETER:
+        by_module[template].append(path)
 
   for path, leaf in pairs:
-    if not _is_lora_param(leaf):
+    if not is_adapter(leaf):
       continue
-    if path.rpartition("/")[2] == "embedding":
-      raise LoraPeftError(
-          f"'{path}': PEFT stores LoRA on an embedding as lora_embedding_A/B of an "
-          f"nn.Embedding, which jlora does not export; exclude embeddings from targets")
+    if isinstance(leaf, LoraBank):
+      raise LoraPeftError(f"'{path}' is a bank of adapters; write it with "
+                          f"jlora.peft.save_bank (a subfolder per adapter)")
+    kinds_seen.add(type(leaf))
     template = _module_template(rules, path, "adapted weight")
+    kind = _module_kind(rules, path, template)
     layout, r = leaf.layout, leaf.rank
-    n_stack = len(layout.stack_axes)
-    if names.n_stack(template) != n_stack:
+    n_modules = names.n_stack(template)
+    if n_modules > len(layout.stack_axes) or (
+        kind != kinds.PARAMETER and n_modules != len(layout.stack_axes)):
+      hint = (" (fused experts are PEFT target_parameters: select them with "
+              "Rules(parameters=...))" if kind == kinds.LINEAR and layout.stack_axes else "")
       raise LoraPeftError(
-          f"'{path}': the rules name it '{template}' with {names.n_stack(template)} stack-index "
-          f"field(s), but its layout {layout} has {n_stack} stack axes (one PyTorch "
-          f"module per index, e.g. '{{layer}}' in a Rules pattern)")
+          f"'{path}': the rules name it '{template}' with {n_modules} stack-index "
+          f"field(s), but its layout {layout} has {len(layout.stack_axes)} stack axes (one "
+          f"PyTorch module per index, e.g. '{{layer}}' in a Rules pattern){hint}")
+    lay = kinds.slice_layout(layout, n_modules)
+    kinds.check_slice(kind, path, lay)
     root = math.sqrt(r) if use_rslora else r
     alpha = _clean_number(leaf.scale * root)
     if spec is not None:
@@ -203,18 +312,60 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
             f"{spec.use_rslora}); pass the LoraSpec these adapters were made with")
       if spec.use_rslora == use_rslora and spec.rank_for(path) == r:
         alpha = _clean_number(spec.alpha_for(path))
+    dora = isinstance(leaf, DoraParam)
+    tied = _tied_modules(rules, path, template, kind, dora) if kind == kinds.EMBEDDING else ()
+    if kind == kinds.PARAMETER:
+      if dora:
+        raise LoraPeftError(f"'{path}': PEFT has no DoRA for target_parameters (its "
+                            f"ParamWrapper refuses use_dora)")
+      if leaf.dropout:
+        raise LoraPeftError(f"'{path}': PEFT's target_parameters cannot apply LoRA dropout "
+                            f"(its ParamWrapper refuses lora_dropout != 0); this adapter has "
+                            f"dropout {leaf.dropout}")
     a, b = _to_numpy(leaf.a, dtype), _to_numpy(leaf.b, dtype)
-    for idx in np.ndindex(*a.shape[:n_stack]):
+    m = _to_numpy(leaf.magnitude, dtype) if dora else None
+    for idx in np.ndindex(*a.shape[:n_modules]):
       module = template.format(*idx)
+      if kind == kinds.PARAMETER:
+        pname = f"{module}.{rules.torch_param(path)}"
+        transposed = rules.is_transposed(pname)
+        key_module = names.nested(module, _depth(rules, path, template, by_module[template]))
+        _claim(owners, pname, path)
+        lora_a, lora_b = kinds.to_torch(kind, a[idx], b[idx], lay, transposed)
+        tensors[names.lora_key(key_module, "A")] = lora_a
+        tensors[names.lora_key(key_module, "B")] = lora_b
+        lora_modules[pname] = (r, alpha)
+        parameters.append(pname)
+        continue
       _claim(owners, module, path)
-      lora_a, lora_b = factors_to_torch(a[idx], b[idx], layout)
-      tensors[names.lora_key(module, "A")] = lora_a
-      tensors[names.lora_key(module, "B")] = lora_b
+      lora_a, lora_b = kinds.to_torch(kind, a[idx], b[idx], lay)
+      if kind == kinds.EMBEDDING:
+        tensors[names.embedding_key(module, "A")] = lora_a
+        tensors[names.embedding_key(module, "B")] = lora_b
+        for other in tied:   # PEFT's tied Linear: A = B_emb^T, B = A_emb^T
+          _claim(owners, other, path)
+          tensors[names.lora_key(other, "A")] = np.ascontiguousarray(lora_b.T)
+          tensors[names.lora_key(other, "B")] = np.ascontiguousarray(lora_a.T)
+          tied_any = True
+      else:
+        tensors[names.lora_key(module, "A")] = lora_a
+        tensors[names.lora_key(module, "B")] = lora_b
+      if dora:
+        tensors[names.magnitude_key(module)] = kinds.magnitude_to_torch(kind, m[idx], lay, path)
       lora_modules[module] = (r, alpha)
     lora_templates.add(template)
     dropouts.append(float(leaf.dropout))
   if not lora_modules:
-    raise LoraPeftError("trainable holds no jlora.LoraParam: nothing to export")
+    raise LoraPeftError("trainable holds no jlora adapter (LoraParam, DoraParam): nothing "
+                        "to export")
+  if len(kinds_seen) > 1:
+    raise LoraPeftError(
+        f"trainable mixes {sorted(k.__name__ for k in kinds_seen)}; PEFT's use_dora is one "
+        f"flag for a whole adapter folder: save the DoRA and the LoRA weights as two folders")
+  use_dora = DoraParam in kinds_seen
+  if parameters and any(rules.is_in_out(m) for m in lora_modules if m not in parameters):
+    raise LoraPeftError("PEFT's target_parameters cannot be combined with fan_in_fan_out "
+                        "modules (GPT-2's Conv1D) in one folder")
 
   # Weights trained in full -> modules_to_save, whole modules only.
   by_template: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
@@ -275,20 +426,22 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   # Modules the Flax tree knows of that PEFT could adapt but jlora did not.
   saved_templates = {rules(p) for p, leaf in pairs if leaf is not None and not _is_lora_param(leaf)}
   others = sorted({t for p, leaf in pairs
-                   if p.rpartition("/")[2] in rules.kernel_leaves and not _is_lora_param(leaf)
+                   if p.rpartition("/")[2] in rules.kernel_leaves + rules.embedding_leaves
+                   and not _is_lora_param(leaf)
                    and (t := rules(p)) is not None and t not in lora_templates
                    and t not in saved_templates})
+  modules_only = [m for m in lora_modules if m not in parameters]
   if target_modules is None:
-    short = sorted({m.rpartition(".")[2] for m in lora_modules})
+    short = sorted({m.rpartition(".")[2] for m in modules_only})
     if any(not s or s.isdigit() for s in short) or any(
         t.rpartition(".")[2] in short for t in others):
-      target_modules = list(lora_modules)
+      target_modules = modules_only
     else:
       target_modules = short
   else:
     target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
     probe = {"target_modules": target_modules, "modules_to_save": saved or None}
-    for m in lora_modules:
+    for m in modules_only:
       if peft_config.targets(probe, m) is False:
         raise LoraPeftError(f"target_modules {target_modules!r} does not select adapted "
                             f"module '{m}'; PEFT would ignore its weights")
@@ -303,7 +456,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
       "auto_mapping": None,
       "base_model_name_or_path": base_model_name_or_path,
       "bias": "none",
-      "fan_in_fan_out": any(rules.is_in_out(m) for m in lora_modules),
+      "fan_in_fan_out": any(rules.is_in_out(m) for m in modules_only),
       "inference_mode": True,
       "init_lora_weights": True,
       "layer_replication": None,
@@ -321,9 +474,13 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
       "revision": None,
       "target_modules": target_modules,
       "task_type": task_type,
-      "use_dora": False,
+      "use_dora": use_dora,
       "use_rslora": bool(use_rslora),
   }
+  if parameters:
+    config["target_parameters"] = sorted(parameters)
+  if tied_any:
+    config["ensure_weight_tying"] = True
   config.update(extra_config or {})
   peft_config.check(config, "jlora.peft.save config")
 

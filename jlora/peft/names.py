@@ -42,12 +42,59 @@ DEFAULT_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight",
 SAFETENSORS_METADATA = {"format": "pt"}
 
 _LORA_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
+_EMBEDDING_KEY = re.compile(r"(.+)\.lora_embedding_([AB])")
+_MAGNITUDE_KEY = re.compile(r"(.+)\.lora_magnitude_vector")
 _LORA_BIAS = re.compile(r".*\.lora_[AB]\.bias")
+# The wrapper PEFT puts around an adapted module; one more per adapted
+# parameter of a module (target_parameters nests them).
+BASE_LAYER = ".base_layer"
 
 
 def lora_key(module: str, half: str) -> str:
   """The file key of ``module``'s ``lora_A`` or ``lora_B`` (``half`` "A"/"B")."""
   return f"{KEY_PREFIX}{module}.lora_{half}.weight"
+
+
+def embedding_key(module: str, half: str) -> str:
+  """The file key of an ``nn.Embedding``'s ``lora_embedding_A`` or ``_B``."""
+  return f"{KEY_PREFIX}{module}.lora_embedding_{half}"
+
+
+def magnitude_key(module: str) -> str:
+  """The file key of a DoRA magnitude."""
+  return f"{KEY_PREFIX}{module}.lora_magnitude_vector"
+
+
+def nested(module: str, depth: int) -> str:
+  """The name under which PEFT saves the ``depth``-th innermost wrapper of a
+  module adapted through several of its parameters."""
+  return module + BASE_LAYER * depth
+
+
+def unnest(name: str) -> tuple[str, int]:
+  """``("m", 2)`` for ``"m.base_layer.base_layer"``.
+
+  Example:
+    >>> unnest("mlp.experts.base_layer"), unnest("mlp.experts")
+    (('mlp.experts', 1), ('mlp.experts', 0))
+  """
+  depth = 0
+  while name.endswith(BASE_LAYER):
+    name, depth = name[:-len(BASE_LAYER)], depth + 1
+  return name, depth
+
+
+def parse_adapter_key(key: str) -> tuple[str, str] | None:
+  """``(module, part)`` of an adapter tensor key without the prefix: part is
+  "A"/"B" (lora_A/B), "embA"/"embB" (lora_embedding_A/B) or "m" (a DoRA
+  magnitude); None for other keys."""
+  for regex, parts in ((_LORA_KEY, None), (_EMBEDDING_KEY, "emb"), (_MAGNITUDE_KEY, "m")):
+    m = regex.fullmatch(key)
+    if m:
+      if parts == "m":
+        return m.group(1), "m"
+      return m.group(1), (parts or "") + m.group(2)
+  return None
 
 
 def full_key(module: str, param: str) -> str:

@@ -138,6 +138,29 @@ class Rules:
       kernel is refused, naming it. Explicit ``layouts`` (from
       ``jlora.infer_layouts``, which reads them from the model) always win.
     function: if given, used instead of ``patterns`` (see above).
+    conv: which PyTorch modules are convolutions (``nn.Conv1d/2d/3d``): True,
+      False or a regex matched in full against the module name. Their Flax
+      kernels ``(*window, in, out)`` are written as PEFT's convolution factors.
+      (A file tells by its tensors' shapes; this is for writing.)
+    embedding_leaves: leaf names of ``nn.Embedding`` tables ``(vocab, d)``;
+      their LoRA is PEFT's ``lora_embedding_A``/``lora_embedding_B``.
+    tied: PyTorch embedding module -> the modules whose weight is the same
+      tensor (``{"model.embed_tokens": ("lm_head",)}`` for a model with
+      ``tie_word_embeddings``). jlora adapts a tied table in all its uses, which
+      PEFT does with ``ensure_weight_tying=True`` on ``embed_tokens``: the tied
+      modules then get the same factors, and a file that adapts only the lookup
+      of a tied table is refused.
+    parameters: which weights PyTorch holds as a bare ``nn.Parameter`` rather
+      than a module's (fused MoE experts): a regex matched in full against
+      the PyTorch parameter name (``model.layers.0.mlp.experts.gate_up_proj``),
+      or True/False. Their LoRA is PEFT's ``target_parameters``; the
+      parameter's name is the leaf name (through ``leaf_names``).
+    transposed_parameters: which of those parameters PEFT reads as
+      ``(experts, out, in)`` (modules with ``is_transposed = True``): a regex
+      over parameter names, or True/False.
+    parameter_order: parameter names in the order PyTorch modules register
+      them; needed when several parameters of one module are adapted (PEFT
+      nests one wrapper per parameter in that order and names them so).
 
   Example:
     A model whose Flax names differ from the PyTorch ones: write one pattern
@@ -175,6 +198,12 @@ class Rules:
   kernel_leaves: Sequence[str] = ("kernel",)
   kernel_order: str | None = "in_out"
   function: Callable[[str], str | None] | None = None
+  conv: Union[bool, str] = False
+  embedding_leaves: Sequence[str] = ("embedding",)
+  tied: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+  parameters: Union[bool, str] = False
+  transposed_parameters: Union[bool, str] = False
+  parameter_order: Sequence[str] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "patterns", tuple(tuple(p) for p in self.patterns))
@@ -187,12 +216,18 @@ class Rules:
     if self.kernel_order not in KERNEL_ORDERS:
       raise LoraSpecError(f"Rules.kernel_order must be one of {KERNEL_ORDERS}, got "
                           f"{self.kernel_order!r}")
-    if isinstance(self.fan_in_fan_out, str):
-      try:
-        re.compile(self.fan_in_fan_out)
-      except re.error as e:
-        raise LoraSpecError(f"Rules.fan_in_fan_out: invalid regex "
-                            f"{self.fan_in_fan_out!r}: {e}") from None
+    for name in ("fan_in_fan_out", "conv", "parameters", "transposed_parameters"):
+      value = getattr(self, name)
+      if isinstance(value, str):
+        try:
+          re.compile(value)
+        except re.error as e:
+          raise LoraSpecError(f"Rules.{name}: invalid regex {value!r}: {e}") from None
+      elif not isinstance(value, bool):
+        raise LoraSpecError(f"Rules.{name} must be True, False or a regex, got {value!r}")
+    object.__setattr__(self, "embedding_leaves", tuple(self.embedding_leaves))
+    object.__setattr__(self, "parameter_order", tuple(self.parameter_order))
+    object.__setattr__(self, "tied", {k: tuple(v) for k, v in dict(self.tied).items()})
 
   # Ready-made rules ----------------------------------------------------------
 
@@ -219,15 +254,17 @@ class Rules:
     ``kernel_order="in_out"``.
     """
     return cls(fan_in_fan_out=r"(?:.*\.)?(?:c_attn|q_attn|c_proj|c_fc)",
-               kernel_order=kernel_order)
+               kernel_order=kernel_order, tied={"transformer.wte": ("lm_head",)})
 
   @classmethod
-  def llama(cls) -> "Rules":
+  def llama(cls, *, tie_word_embeddings: bool = False) -> "Rules":
     """``transformers``' Flax Llama and Mistral (``FlaxLlamaForCausalLM``,
     ``FlaxMistralForCausalLM``): ``model/layers/0/self_attn/q_proj/kernel`` <->
     ``model.layers.0.self_attn.q_proj``, ``(in, out)`` kernels (``nn.Dense``),
-    RMSNorm ``weight`` leaves."""
-    return cls(kernel_order="in_out")
+    RMSNorm ``weight`` leaves. ``tie_word_embeddings``: the output head is the
+    embedding table (``lm_head`` tied to ``model.embed_tokens``)."""
+    return cls(kernel_order="in_out",
+               tied={"model.embed_tokens": ("lm_head",)} if tie_word_embeddings else {})
 
   @classmethod
   def bert(cls) -> "Rules":
@@ -287,9 +324,35 @@ class Rules:
 
   def is_in_out(self, module: str) -> bool:
     """Whether the PyTorch module stores its weight ``(in, out)``."""
-    if isinstance(self.fan_in_fan_out, bool):
-      return self.fan_in_fan_out
-    return re.fullmatch(self.fan_in_fan_out, module) is not None
+    return _selects(self.fan_in_fan_out, module)
+
+  def is_conv(self, module: str) -> bool:
+    """Whether the PyTorch module is a convolution."""
+    return _selects(self.conv, module)
+
+  def is_parameter(self, name: str) -> bool:
+    """Whether the PyTorch parameter ``name`` is a bare ``nn.Parameter``
+    (adapted through PEFT's ``target_parameters``)."""
+    return _selects(self.parameters, name)
+
+  def is_transposed(self, name: str) -> bool:
+    """Whether PEFT reads the 3-D parameter ``name`` as ``(experts, out, in)``."""
+    return _selects(self.transposed_parameters, name)
+
+  def torch_param(self, path: str) -> str:
+    """The PyTorch parameter name of a leaf (``kernel`` -> ``weight``; others as named)."""
+    leaf = path.rpartition("/")[2]
+    return self.leaf_names.get(leaf, leaf)
+
+  def tied_to(self, module: str) -> tuple[str, ...]:
+    """The modules whose weight is the embedding ``module``'s table."""
+    return tuple(self.tied.get(module, ()))
+
+
+def _selects(value: Union[bool, str], name: str) -> bool:
+  if isinstance(value, bool):
+    return value
+  return re.fullmatch(value, name) is not None
 
 
 RulesLike = Union[Rules, Callable[[str], Union[str, None]]]
