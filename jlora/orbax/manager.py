@@ -22,7 +22,6 @@ import threading
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
-import jax
 
 from jlora import _atomic, _multihost
 from jlora.errors import LoraCheckpointError, LoraFileError
