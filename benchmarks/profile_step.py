@@ -85,7 +85,9 @@ def hlo_classes(hlo: str) -> dict[str, str]:
     name, _, opcode, rest = m.groups()
     called = re.findall(r"calls=%([\w.\-]+)", rest)
     text = line + "".join("\n" + body(c) for c in called)
-    if re.search(r"\b(dot|convolution)\(", text) or "gemm" in text or "ynn_fusion" in name:
+    # XLA:CPU's YNNPACK fusions ("ynn_fusion.N") hold reductions as well as dots:
+    # class them by their bodies like any fusion.
+    if re.search(r"\b(dot|convolution)\(", text) or "gemm" in text:
       batched = re.search(r"lhs_batch_dims=\{\d", text)
       out[name] = "matmul: attention (batched)" if batched else "matmul: projections"
     elif re.search(r"\breduce(-window)?\(", text):
@@ -134,7 +136,8 @@ def jax_profile(fn, args, steps: int) -> tuple[dict[str, float], float]:
 # -- PyTorch ------------------------------------------------------------------------------
 
 _TORCH_CLASSES = [
-    (r"aten::(mm|addmm|bmm|matmul|linear|baddbmm)", "matmul"),
+    (r"aten::(bmm|baddbmm)$", "matmul: attention (batched)"),
+    (r"aten::(mm|addmm|matmul|linear)$", "matmul: projections"),
     (r"softmax", "reductions (norms, softmax, loss)"),
     (r"layer_norm|nll_loss|cross_entropy|log_softmax|aten::sum|aten::mean", "reductions (norms, softmax, loss)"),
     (r"Optimizer\.step|_foreach|adamw|aten::lerp|aten::addcdiv|aten::addcmul", "optimizer"),
@@ -175,18 +178,22 @@ def torch_profile(step, steps: int) -> dict[str, float]:
     for _ in range(steps):
       step()
   by_class: dict[str, float] = collections.Counter()
-  for ev in prof.key_averages():
-    if ev.cpu_parent is not None if hasattr(ev, "cpu_parent") else False:
-      continue
-    name = ev.key
-    for pattern, cls in _TORCH_CLASSES:
-      if re.search(pattern, name, re.I):
-        # self time: each op's own, not its children's, so nothing counts twice
-        by_class[cls] += ev.self_cpu_time_total / 1e3 / steps
-        break
-    else:
-      if name.startswith("aten::") or name.startswith("autograd"):
-        by_class["elementwise and other"] += ev.self_cpu_time_total / 1e3 / steps
+  # Self times (each op's own, not its children's), so nothing counts twice; an
+  # op nested in another (aten::mm under aten::matmul) holds the time, and an
+  # op anywhere under the optimizer's step (its sqrt, mul, ...) is the optimizer's.
+  for ev in prof.events():
+    parent, under_optimizer = ev.cpu_parent, False
+    while parent is not None and not under_optimizer:
+      under_optimizer = parent.name.startswith("Optimizer.step")
+      parent = parent.cpu_parent
+    cls = "optimizer" if under_optimizer else None
+    for pattern, name_cls in _TORCH_CLASSES:
+      if cls is None and re.search(pattern, ev.name, re.I):
+        cls = name_cls
+    if cls is None and (ev.name.startswith("aten::") or ev.name.startswith("autograd")):
+      cls = "elementwise and other"
+    if cls is not None:
+      by_class[cls] += ev.self_cpu_time_total / 1e3 / steps
   del torch
   return dict(by_class)
 
