@@ -58,8 +58,21 @@ FLAG_SETS = {
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\((.*)$")
 
 
-def hlo_classes(hlo: str) -> dict[str, str]:
-  """Entry instruction name -> class, from the compiled HLO text."""
+RANK = 16
+LOW_RANK = "matmul: low-rank (a dim of r)"
+
+
+def _has_dim(shapes_text: str, size: int | None) -> bool:
+  return size is not None and any(
+      size in map(int, dims.split(",")) for dims in re.findall(r"\[([\d, ]+)\]", shapes_text))
+
+
+def hlo_classes(hlo: str, rank: int | None = None) -> dict[str, str]:
+  """Entry instruction name -> class, from the compiled HLO text.
+
+  With ``rank``, a dot with a dimension of that size is a low-rank dot (the
+  benchmark LM has no other dimension of 16).
+  """
   comps: dict[str, list[str]] = {}
   current = None
   for line in hlo.splitlines():
@@ -89,7 +102,10 @@ def hlo_classes(hlo: str) -> dict[str, str]:
     # class them by their bodies like any fusion.
     if re.search(r"\b(dot|convolution)\(", text) or "gemm" in text:
       batched = re.search(r"lhs_batch_dims=\{\d", text)
-      out[name] = "matmul: attention (batched)" if batched else "matmul: projections"
+      dots = "\n".join(ln.split("metadata=")[0] for ln in text.splitlines()
+                       if re.search(r"\b(dot|convolution)\(", ln))
+      out[name] = (LOW_RANK if _has_dim(dots, rank) else
+                   "matmul: attention (batched)" if batched else "matmul: projections")
     elif re.search(r"\breduce(-window)?\(", text):
       out[name] = "reductions (norms, softmax, loss)"
     elif opcode in ("copy", "transpose") or (called and not re.search(
@@ -103,11 +119,12 @@ def hlo_classes(hlo: str) -> dict[str, str]:
   return out
 
 
-def jax_profile(fn, args, steps: int) -> tuple[dict[str, float], float]:
+def jax_profile(fn, args, steps: int, rank: int | None = None
+                ) -> tuple[dict[str, float], float]:
   """ms per step by class, and the traced wall ms per step."""
   from xprof.convert import raw_to_tool_data
   compiled = jax.jit(fn).lower(*args).compile()
-  classes = hlo_classes(compiled.as_text())
+  classes = hlo_classes(compiled.as_text(), rank)
   jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
@@ -154,7 +171,7 @@ def torch_steps(cfg, lora: bool):
   models.load_torch(model, models.init_params(cfg))
   if lora:
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=16, lora_alpha=32, target_modules=list(models.PROJ_NAMES), lora_dropout=0.0))
+        r=RANK, lora_alpha=2 * RANK, target_modules=list(models.PROJ_NAMES), lora_dropout=0.0))
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4)
   xs, ys = (torch.from_numpy(a[0]).long() for a in models.make_batches(cfg, 1))
@@ -170,11 +187,11 @@ def torch_steps(cfg, lora: bool):
   return step
 
 
-def torch_profile(step, steps: int) -> dict[str, float]:
+def torch_profile(step, steps: int, rank: int | None = None) -> dict[str, float]:
   import torch
   from torch.profiler import ProfilerActivity, profile
   step()
-  with profile(activities=[ProfilerActivity.CPU]) as prof:
+  with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
     for _ in range(steps):
       step()
   by_class: dict[str, float] = collections.Counter()
@@ -192,6 +209,8 @@ def torch_profile(step, steps: int) -> dict[str, float]:
         cls = name_cls
     if cls is None and (ev.name.startswith("aten::") or ev.name.startswith("autograd")):
       cls = "elementwise and other"
+    if cls == "matmul: projections" and _has_dim(str(ev.input_shapes), rank):
+      cls = LOW_RANK
     if cls is not None:
       by_class[cls] += ev.self_cpu_time_total / 1e3 / steps
   del torch
@@ -202,7 +221,7 @@ def torch_profile(step, steps: int) -> dict[str, float]:
 
 
 def jax_steps(cfg):
-  model, params, frozen, trainable, _ = bench_lora.build(cfg, 16, 32.0)
+  model, params, frozen, trainable, _ = bench_lora.build(cfg, RANK, 2.0 * RANK)
   steps = bench_lora.make_steps(model, params, frozen, trainable)
   tokens, targets = (jnp.asarray(a[0]) for a in models.make_batches(cfg, 1))
   lora = (steps["lora_step"], (trainable, steps["tx_lora"].init(trainable), frozen, tokens,
@@ -257,11 +276,11 @@ def main(argv=None):
                    "PEFT LoRA / PyTorch full": med["PEFT LoRA"] / med["PyTorch full"]}
   tables = {}
   try:
-    tables["jlora LoRA"], _ = jax_profile(lora_fn, lora_args, args.profile_steps)
+    tables["jlora LoRA"], _ = jax_profile(lora_fn, lora_args, args.profile_steps, RANK)
     tables["XLA full"], _ = jax_profile(full_fn, full_args, args.profile_steps)
   except ImportError:
     print("xprof is not installed: no JAX op tables", file=sys.stderr)
-  tables["PEFT LoRA"] = torch_profile(peft_step, args.profile_steps)
+  tables["PEFT LoRA"] = torch_profile(peft_step, args.profile_steps, RANK)
   tables["PyTorch full"] = torch_profile(torch_full, args.profile_steps)
   res["by_class_ms"] = tables
   if not args.no_flags:
@@ -275,6 +294,9 @@ def main(argv=None):
   for c in classes:
     print(f"{c:<36}" + "".join(f"{tables[k].get(c, 0.0):>12.1f}ms" if k in tables else
                                 f"{'-':>14}" for k in res["median_ms"]))
+  print(f"{'sum of the classes':<36}" + "".join(
+      f"{sum(tables[k].values()):>12.1f}ms" if k in tables else f"{'-':>14}"
+      for k in res["median_ms"]))
   for k, v in res["ratios"].items():
     print(f"{k}: {v:.3f}")
   for name, row in res.get("xla_flags", {}).items():
