@@ -82,9 +82,16 @@ class LoraTerm(values.AdapterTerm):
     if self.layout.ndim != 2 or self.layout.stack_axes:
       return None
     if take.axis in self.layout.in_axes:        # A (V, r): its rows, then @ B (r, D)
-      low = take.rows(self.a, 0, indices) @ self.b
+      rows, other = take.rows(self.a, 0, indices), self.b
     else:                                       # B (r, V): its columns, then @ A^T
-      low = take.rows(self.b, 1, indices) @ self.a.T
+      rows, other = take.rows(self.b, 1, indices), self.a.T
+    # One (M, r) @ (r, D) matmul over the flattened lookups, as for a dense
+    # layer: with the lookup axes kept, the backward's dB contracts two axes
+    # and XLA:CPU makes a transposed (D, M) copy of the whole cotangent for
+    # it (1.2 s of a 3.2 s step on the benchmark LM).
+    lead = rows.shape[:-1]
+    low = dot_lib.matmul(rows.reshape(-1, rows.shape[-1]), other)
+    low = low.reshape(*lead, other.shape[-1])
     low = jnp.moveaxis(low * jnp.asarray(self.scale, low.dtype), -1, take.offset_dim)
     return y + low.astype(y.dtype)
 
