@@ -60,3 +60,15 @@ def test_bench_decode_quick(tmp_path):
 def test_bench_variants_quick(tmp_path):
   res = run_script(tmp_path, "bench_variants.py", "--quick")
   assert res["dora_over_lora"] > 0 and res["embedding_adapted_over_frozen"] > 0
+
+
+def test_profile_step_quick(tmp_path):
+  res = run_script(tmp_path, "profile_step.py", "--quick", "--rounds", "1", "--profile-steps", "1",
+                   "--no-flags")
+  assert all(ms > 0 for ms in res["median_ms"].values())
+  low_rank = "matmul: low-rank (a dim of r)"
+  tables = res["by_class_ms"]
+  # Low-rank matmuls are found in the LoRA steps only (the JAX tables need xprof).
+  assert tables["PEFT LoRA"].get(low_rank, 0) > 0 and low_rank not in tables["PyTorch full"]
+  if "jlora LoRA" in tables:
+    assert tables["jlora LoRA"].get(low_rank, 0) > 0 and low_rank not in tables["XLA full"]

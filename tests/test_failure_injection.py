@@ -398,16 +398,24 @@ import os, sys
 import numpy as np, jax
 import jlora, orbax.checkpoint, safetensors.flax, safetensors.numpy
 import fi_worker as fw
+import shutil, tempfile
 frozen, trainable, _ = fw.adapter(1)
-if os.geteuid() == 0:   # root is never denied: drop to nobody (imports are done)
-  os.setgid(65534)
-  os.setuid(65534)
 writers = [("orbax", lambda p: jlora.orbax.save(p, trainable, fw.SPEC, base=frozen)),
            ("peft", lambda p: jlora.peft.save(p, trainable, jlora.peft.Rules(), spec=fw.SPEC)),
            ("base", lambda p: jlora.base.save(p + ".safetensors", fw.params(0))),
            ("base_dir", lambda p: jlora.base.save(p, fw.params(0))),
            ("manager", lambda p: jlora.orbax.CheckpointManager(p, base=frozen)),
            ("bnb", lambda p: jlora.bnb.save(p + ".safetensors", fw.qparams(0), fw.BNB_RULES))]
+if os.geteuid() == 0:   # root is never denied: drop to nobody
+  # Every writer runs once as root first, so that each module it imports
+  # lazily (JAX's, orbax's) is loaded while the checkout is still readable:
+  # nobody may not read a checkout under a private directory.
+  scratch = tempfile.mkdtemp()
+  for name, write in writers:
+    write(os.path.join(scratch, name))
+  shutil.rmtree(scratch)
+  os.setgid(65534)
+  os.setuid(65534)
 for name, write in writers:
   try:
     write(os.path.join(sys.argv[1], name))
