@@ -31,31 +31,45 @@ class RequantizeReport:
 
   Each adapted NF4 weight is merged densely (``dequantize + s B A`` in
   float32) and requantized; the change is ``dequantize(requantized) - dense
-  merge``, in float32.
+  merge``, in float32. The report is a pytree, so a merge under ``jax.jit``
+  returns it too (its changes as arrays).
 
   Attributes:
     per_path: path -> ``(max_abs_change, mean_abs_change, size)``.
   """
 
-  per_path: dict[str, tuple[float, float, int]]
+  per_path: dict[str, tuple[Any, Any, int]]
 
   @property
   def max_abs(self) -> float:
     """The largest absolute change of any merged weight."""
-    return max((m for m, _, _ in self.per_path.values()), default=0.0)
+    return max((float(m) for m, _, _ in self.per_path.values()), default=0.0)
 
   @property
   def mean_abs(self) -> float:
     """The mean absolute change over all elements of the requantized weights."""
     total = sum(n for _, _, n in self.per_path.values())
-    return sum(mean * n for _, mean, n in self.per_path.values()) / max(total, 1)
+    return sum(float(mean) * n for _, mean, n in self.per_path.values()) / max(total, 1)
 
   def __str__(self) -> str:
     lines = [f"requantized {len(self.per_path)} weights to NF4: max |change| "
              f"{self.max_abs:.4g}, mean |change| {self.mean_abs:.4g} (against the dense merge)"]
     for path, (mx, mean, _) in self.per_path.items():
-      lines.append(f"  {path}: max {mx:.4g}, mean {mean:.4g}")
+      lines.append(f"  {path}: max {float(mx):.4g}, mean {float(mean):.4g}")
     return "\n".join(lines)
+
+
+def _report_flatten(report: RequantizeReport):
+  paths = tuple(report.per_path)
+  changes = [report.per_path[p][:2] for p in paths]
+  return changes, tuple((p, report.per_path[p][2]) for p in paths)
+
+
+def _report_unflatten(aux, changes) -> RequantizeReport:
+  return RequantizeReport({p: (*change, size) for (p, size), change in zip(aux, changes)})
+
+
+jax.tree_util.register_pytree_node(RequantizeReport, _report_flatten, _report_unflatten)
 
 
 def _quantized_merge(path: str, q: NF4Array, adapter: Adapter | None, dtype: Any,
@@ -69,8 +83,10 @@ def _quantized_merge(path: str, q: NF4Array, adapter: Adapter | None, dtype: Any
   back = quantize_array(dense.astype(q.dtype), q.layout, block_size=q.block_size,
                         double_quant=q.double_quant, path=path)
   change = jnp.abs(back.dequantize(jnp.float32) - dense)
+  mx, mean = jnp.max(change), jnp.mean(change)
   if not _compat.is_tracer(change):
-    report[path] = (float(jnp.max(change)), float(jnp.mean(change)), int(change.size))
+    mx, mean = float(mx), float(mean)
+  report[path] = (mx, mean, int(change.size))   # traced under jit: the report leaves it too
   return back
 
 

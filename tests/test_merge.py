@@ -1,5 +1,7 @@
 """merge / unmerge / frozen_like against NumPy references of W0 + s B A."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -345,6 +347,24 @@ def test_requantize_is_explicit_and_reports_the_error_it_adds():
   assert merged["u"]["w"] is frozen["u"]["w"]      # no adapter: kept as it is
   text = str(report)
   assert text.startswith("requantized 4 weights to NF4: max |change|") and "stack/w" in text
+
+
+def test_requantize_under_jit_reports_the_same_change():
+  # The report is a pytree: under jit it carries the changes out as arrays
+  # (it used to come back empty, printing "requantized 0 weights").
+  quantized, frozen, trainable = make_nf4()
+  merged, report = jlora.merge(frozen, trainable, requantize=True)
+  jmerged, jreport = jax.jit(functools.partial(jlora.merge, requantize=True))(frozen, trainable)
+  assert set(jreport.per_path) == set(report.per_path) and len(report.per_path) == 4
+  for path, (mx, mean, size) in report.per_path.items():
+    jmx, jmean, jsize = jreport.per_path[path]
+    assert float(jmx) == pytest.approx(mx, rel=1e-5) and float(jmean) == pytest.approx(mean,
+                                                                                      rel=1e-5)
+    assert jsize == size
+  assert jreport.max_abs == pytest.approx(report.max_abs, rel=1e-5)
+  assert str(jreport).startswith("requantized 4 weights to NF4")
+  np.testing.assert_array_equal(np.asarray(jmerged["qkv"]["w"].codes),
+                                np.asarray(merged["qkv"]["w"].codes))
 
 
 def test_unmerge_refuses_a_quantized_base():
