@@ -56,6 +56,25 @@ def slice_layout(layout: Layout, n_modules: int) -> Layout:
                 renum(layout.stack_axes[n_modules:]))
 
 
+def default_layout(kind: str, ndim: int, n_stack: int, transposed: bool,
+                   tied: bool = False) -> Layout:
+  """The layout a module kind gives its weight when none is passed, with
+  ``n_stack`` leading module-stack axes: a convolution's ``(*window, in, out)``,
+  an embedding's ``(vocab, d)`` looked up by row (by the output head's
+  contraction over ``d`` for a tied table), a parameter as PEFT reads it
+  (``(E, in, out)``, or ``(E, out, in)`` transposed; a 2-D one ``(out, in)``)."""
+  stack = tuple(range(n_stack))
+  k = n_stack
+  if kind == CONV:
+    return Layout(tuple(range(k, ndim - 1)), (ndim - 1,), stack)
+  if kind == EMBEDDING:
+    return Layout((k + 1,), (k,), stack) if tied else Layout((k,), (k + 1,), stack)
+  if ndim - k == 3:
+    ins, outs = ((k + 1,), (k + 2,)) if not transposed else ((k + 2,), (k + 1,))
+    return Layout(ins, outs, stack + (k,))
+  return Layout((k + 1,), (k,), stack)
+
+
 def check_slice(kind: str, path: str, lay: Layout) -> None:
   """Refuses a slice layout the module kind cannot hold, naming the weight."""
   ndim = lay.ndim
