@@ -17,7 +17,12 @@ axis become one PyTorch module per layer.
 
 The modules: ``names`` (file names and keys), ``rules`` (``Rules``), ``config``
 (what jlora refuses, PEFT's matching), ``axes`` (factor axes to and from
-PyTorch), ``export``, ``load`` and ``describe``.
+PyTorch), ``kinds`` (linear, conv, embedding, target_parameters), ``mark``
+(checksums of a folder jlora wrote), ``export`` (``save``), ``load`` (``load``,
+in steps: ``folder`` reads the folder, ``match`` finds each module's
+parameter, ``assemble`` builds the factors and the spec, ``checks`` holds the
+file to the config and the base, ``full_weights`` reads ``modules_to_save``),
+``describe`` and ``bank``.
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora, tempfile
