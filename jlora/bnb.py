@@ -58,13 +58,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _atomic, _multihost
+from jlora._param_table import summarize
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraFileError, LoraSpecError
 from jlora.layout import Layout
 from jlora.peft import axes, names
 from jlora.peft.rules import Rules, RulesLike, as_rules
 from jlora.quant import nf4
-from jlora.quant.nf4 import NF4Array
+from jlora.quant.nf4 import NF4Array, is_quant_state_key
 
 __all__ = ["describe", "is_checkpoint", "is_owned", "is_quant_state_key", "load", "save"]
 
@@ -72,7 +73,7 @@ PathLike = str | os.PathLike
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-STATE = ".quant_state.bitsandbytes__"
+STATE = nf4.BNB_STATE
 # The entries beside a quantized weight, by its key's suffix.
 _PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # Entries of bitsandbytes' 8-bit (LLM.int8) weights.
@@ -86,11 +87,6 @@ _NESTED_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
 MARK = "jlora"
 FORMAT = "jlora.bnb-4bit"
 VERSION = 1
-
-
-def is_quant_state_key(key: str) -> bool:
-  """Whether ``key`` is the quant state of a bitsandbytes 4-bit weight."""
-  return STATE in key
 
 
 # -- the files ---------------------------------------------------------------------
@@ -820,7 +816,6 @@ def describe(path: PathLike) -> dict[str, Any]:
     >>> info["quantized"]["bits_per_param"]
     4.1328125
   """
-  from jlora import base
   files = _Files(path)
   scan = _scan(files)
   entries = []
@@ -848,7 +843,7 @@ def describe(path: PathLike) -> dict[str, Any]:
                             else f"folder of {len(files.handles)} safetensors file(s)"),
           "files": [str(f) for f in files.handles],
           "file_bytes": sum(f.stat().st_size for f in files.handles)}
-  info.update(base.summarize(entries))
+  info.update(summarize(entries))
   return info
 
 
