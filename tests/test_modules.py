@@ -1,7 +1,8 @@
 """jlora's modules: one concept each, and file formats that do not lean on each other.
 
-Read from the source with ``ast`` (nothing of jlora is imported), so this
-checks whichever tree ``PYTHONPATH`` puts first:
+Read from the source with ``ast`` (nothing of jlora is run), in the tree
+``import jlora`` would load (run from another folder with ``PYTHONPATH=TREE``
+to check another checkout):
 
 * no module is longer than ``MAX_LINES`` (a module over ~600 lines holds
   more than one concept);
