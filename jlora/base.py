@@ -45,6 +45,7 @@ import numpy as np
 from jlora import _atomic, _compat, _multihost
 from jlora.errors import LoraError, LoraFileError
 from jlora._paths import flatten_with_paths
+from jlora._param_table import summarize
 from jlora.orbax import manifest
 from jlora.quant import nf4
 from jlora.quant.nf4 import NF4Array
@@ -286,8 +287,7 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       keys = list(f.keys())
       metadata = f.metadata() or {}
       if metadata.get(_ST_FORMAT) != _PARAMS_FORMAT:
-        from jlora import bnb
-        state = next((k for k in keys if bnb.is_quant_state_key(k)), None)
+        state = next((k for k in keys if nf4.is_quant_state_key(k)), None)
         if state is not None:
           raise LoraFileError(
               f"'{path}' is a bitsandbytes 4-bit checkpoint (it has '{state}'), keyed by "
@@ -545,33 +545,3 @@ def _nbytes(x: Any) -> int:
   if isinstance(x, NF4Array):
     return int(x.nbytes)
   return int(x.size * jnp.dtype(x.dtype).itemsize)
-
-
-def summarize(entries: Sequence[tuple[str, Any, Any, int, dict[str, Any] | None]]
-              ) -> dict[str, Any]:
-  """The counts ``describe`` reports, from ``(name, shape, dtype, stored bytes,
-  NF4 metadata or None)`` per parameter (also for ``jlora.bnb.describe``)."""
-  tensors, totals = [], {True: [0, 0, 0], False: [0, 0, 0]}
-  dtypes: collections.Counter = collections.Counter()
-  dequantized = 0
-  for name, shape, dtype, nbytes, quant in entries:
-    size = int(np.prod(shape, dtype=np.int64))
-    dtype = jnp.dtype(dtype).name
-    dtypes[dtype] += 1
-    dequantized += size * jnp.dtype(dtype).itemsize
-    row = {"path": name, "shape": [int(d) for d in shape], "dtype": dtype}
-    if quant is not None:
-      row["quant"] = {"type": quant["quant"], "block_size": quant["block_size"],
-                      "double_quant": quant["double_quant"], "bytes": nbytes,
-                      "bits_per_param": 8 * nbytes / max(size, 1)}
-    tensors.append(row)
-    t = totals[quant is not None]
-    t[0], t[1], t[2] = t[0] + 1, t[1] + size, t[2] + nbytes
-  q, d = totals[True], totals[False]
-  return {"params": q[0] + d[0], "elements": q[1] + d[1], "bytes": q[2] + d[2],
-          "bits_per_param": 8 * (q[2] + d[2]) / max(q[1] + d[1], 1), "dtypes": dict(dtypes),
-          "quantized": ({"tensors": q[0], "elements": q[1], "bytes": q[2],
-                         "bits_per_param": 8 * q[2] / max(q[1], 1)} if q[0] else None),
-          "dense": {"tensors": d[0], "elements": d[1], "bytes": d[2]},
-          "dequantized_bytes": dequantized,
-          "tensors": tensors}

@@ -537,3 +537,21 @@ def from_file(parts: dict[str, Any], shape, dtype: str, meta: Any, where: str,
   return NF4Array(parts["codes"], parts["absmax"], parts.get("nested_absmax"),
                   parts.get("offset"), shape=shape, dtype=jnp.dtype(dtype), layout=layout,
                   block_size=block_size)
+
+
+#: What a bitsandbytes 4-bit quant state's key holds after the weight's key
+#: (``M.weight.quant_state.bitsandbytes__nf4``); the quant type follows it.
+BNB_STATE = ".quant_state.bitsandbytes__"
+
+
+def is_quant_state_key(key: str) -> bool:
+  """Whether ``key`` is the quant state of a bitsandbytes 4-bit weight (an
+  entry of a Hugging Face ``*-bnb-4bit`` checkpoint, read by ``jlora.bnb``).
+
+  Example:
+    >>> is_quant_state_key("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4")
+    True
+    >>> is_quant_state_key("model.layers.0.mlp.up_proj.weight.absmax")
+    False
+  """
+  return BNB_STATE in key
