@@ -9,9 +9,8 @@ checkpoints), ``jlora.peft`` (PEFT adapter folders), ``jlora.base``
 bitsandbytes 4-bit checkpoints).
 """
 
-from importlib import metadata as _metadata
-
 from jlora import base, bnb, orbax, peft
+from jlora._version import __version__
 from jlora._paths import path_str
 from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
@@ -33,11 +32,6 @@ from jlora.quant import NF4Array, dequantize, quantize
 from jlora.merge import RequantizeReport
 from jlora.summary import MemoryTable
 from jlora.transform import lora_transform
-
-try:
-  __version__ = _metadata.version("jlora")
-except _metadata.PackageNotFoundError:   # a source tree that was never installed
-  __version__ = "0+unknown"
 
 __all__ = [
     # the transform
