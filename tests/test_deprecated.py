@@ -2,6 +2,7 @@
 0.1-style calls give what the 0.2 API gives (jlora/_deprecated.py)."""
 
 import os
+import pathlib
 import re
 import warnings
 
@@ -51,6 +52,16 @@ def test_every_0_1_name_is_still_there_or_forwarded():
     assert name in _deprecated.PEFT, name
   # and the forwards are exactly the removed names (no forward shadows a live one)
   assert set(_deprecated.TOP_LEVEL) == set(ALL_0_1) - set(jlora.__all__)
+
+
+def test_the_changelog_migration_table_lists_every_forward():
+  changelog = pathlib.Path(__file__).resolve().parent.parent.joinpath("CHANGELOG.md").read_text()
+  table = changelog[changelog.index("### 0.1 → 0.2 migration"):]
+  rows = [line for line in table.splitlines() if line.startswith("| `")]
+  for module_name, name in OLD_NAMES:
+    moved = (_deprecated.TOP_LEVEL if module_name == "jlora" else _deprecated.PEFT)[name]
+    assert any(f"`{module_name}.{name}`" in row.split("|")[1] and f"`{moved.new}`" in row
+               for row in rows), f"{module_name}.{name}"
 
 
 @pytest.mark.parametrize("module_name, name", OLD_NAMES)

@@ -27,6 +27,13 @@ def test_pyproject_reads_the_version_from_jlora_version():
   assert values == [jlora.__version__]
 
 
+def test_the_version_is_a_release_in_the_changelog():
+  assert re.fullmatch(r"\d+\.\d+\.\d+", jlora.__version__)
+  changelog = (ROOT / "CHANGELOG.md").read_text()
+  releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", changelog, flags=re.M)
+  assert releases and releases[0] == jlora.__version__
+
+
 def _installed_here():
   """Whether the installed distribution 'jlora' is the jlora imported here:
   a wheel whose files hold this jlora/__init__.py, or an editable install of
