@@ -58,4 +58,8 @@ def test_installed_metadata_has_the_same_version():
     pytest.skip("no jlora distribution installed" if here is None else
                 f"the installed jlora {metadata.version('jlora')} is another tree than "
                 f"{jlora.__file__} (.ci/package.sh checks built wheels and sdists)")
-  assert metadata.version("jlora") == jlora.__version__
+  # An editable install's metadata is a snapshot from when it was installed:
+  # after a version change, reinstall it (.ci/run does at every run).
+  assert metadata.version("jlora") == jlora.__version__, (
+      f"installed metadata says {metadata.version('jlora')}, jlora/_version.py "
+      f"{jlora.__version__}; reinstall jlora")
