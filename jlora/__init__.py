@@ -7,11 +7,15 @@ file formats are namespaces: ``jlora.orbax`` (adapters and training
 checkpoints), ``jlora.peft`` (PEFT adapter folders), ``jlora.base``
 (base-parameter files, quantized or not) and ``jlora.bnb`` (Hugging Face
 bitsandbytes 4-bit checkpoints).
+
+The 0.1 names of the file functions (``jlora.save_adapter``,
+``jlora.save_peft``, ...) still resolve, with a ``DeprecationWarning`` naming
+their new place, until 0.3 (``jlora._deprecated``; see CHANGELOG.md).
 """
 
-from importlib import metadata as _metadata
-
 from jlora import base, bnb, orbax, peft
+from jlora import _deprecated
+from jlora._version import __version__
 from jlora._paths import path_str
 from jlora.adapter import Adapter
 from jlora.bank import LoraBank, select_adapter, stack_adapters
@@ -33,11 +37,6 @@ from jlora.quant import NF4Array, dequantize, quantize
 from jlora.merge import RequantizeReport
 from jlora.summary import MemoryTable
 from jlora.transform import lora_transform
-
-try:
-  __version__ = _metadata.version("jlora")
-except _metadata.PackageNotFoundError:   # a source tree that was never installed
-  __version__ = "0+unknown"
 
 __all__ = [
     # the transform
@@ -92,3 +91,6 @@ __all__ = [
     "orbax",
     "peft",
 ]
+
+# 0.1's names, forwarded with a DeprecationWarning; not in __all__ or dir().
+__getattr__ = _deprecated.module_getattr(__name__, _deprecated.TOP_LEVEL)

@@ -44,3 +44,9 @@ from jlora.peft.rules import Rules
 
 __all__ = ["Adapter", "Bank", "Rules", "describe", "describe_bank", "is_adapter", "is_bank",
            "load", "load_bank", "save", "save_bank"]
+
+# 0.1's names of this namespace (save_peft, PeftRules, ...), forwarded with a
+# DeprecationWarning until 0.3 (jlora._deprecated); not in __all__ or dir().
+from jlora import _deprecated  # noqa: E402  (needs jlora.peft.rules, imported above)
+
+__getattr__ = _deprecated.module_getattr(__name__, _deprecated.PEFT)
