@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-.venv/bin/python}"
+# mkdocs-material prints a banner about MkDocs 2.0, which this site does not use.
+export NO_MKDOCS_2_WARNING=1
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 start=$(date +%s)
