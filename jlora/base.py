@@ -50,6 +50,8 @@ from jlora.orbax import manifest
 from jlora.quant import nf4
 from jlora.quant.nf4 import NF4Array
 
+__all__ = ["describe", "is_base", "is_owned", "load", "read", "save"]
+
 PathLike = str | os.PathLike
 
 _PARAMS, _PARAMS_META = "params", "params_meta"

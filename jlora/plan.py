@@ -152,9 +152,11 @@ def plan(params: Any, spec: LoraSpec, *, tx: Any = None,
       ``jlora.optimizer``, for the adapters.
     layouts: path -> Layout, as ``lora_transform`` and ``quantize`` take
       (``jlora.infer_layouts``; needed for weights that are not 2-D).
-    quantize_targets, block_size, double_quant: what QLoRA quantizes and how
-      (``jlora.quantize``'s arguments).
-    batch, seq_len: give both to estimate activations.
+    quantize_targets: what QLoRA quantizes (``jlora.quantize``'s ``targets``).
+    block_size: the NF4 block size of the QLoRA column (``jlora.quantize``'s).
+    double_quant: whether QLoRA quantizes the absmax too (``jlora.quantize``'s).
+    batch: the batch size; give it with ``seq_len`` to estimate activations.
+    seq_len: the sequence length; give it with ``batch``.
     data_axes: the mesh axes the batch is split over (default: all of them,
       as with FSDP or data parallelism).
     activation_dtype: the activations' dtype (default: each weight's).

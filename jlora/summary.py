@@ -281,12 +281,14 @@ def summary(params: Any, spec: LoraSpec, *, layouts: Mapping[str, Layout] | None
     params: the parameters (concrete, abstract or quantized).
     spec: the LoRA spec.
     layouts: path -> Layout, as ``lora_transform`` takes.
-    batch, seq_len: give both to estimate activations.
+    batch: the batch size; give it with ``seq_len`` to estimate activations.
+    seq_len: the sequence length; give it with ``batch``.
     device_memory: a device's bytes, for ``memory.headroom`` and the table's
       "room" line.
     quantize_targets: what QLoRA quantizes, as ``jlora.quantize``'s
       ``targets`` (default: every floating kernel of 2 or more axes).
-    block_size, double_quant: the NF4 format of the QLoRA column.
+    block_size: the NF4 block size of the QLoRA column.
+    double_quant: whether the QLoRA column quantizes the absmax too.
     activation_dtype: the activations' dtype (default: each weight's).
     optimizer_slots: optimizer values per trained element, each in the
       element's dtype (Adam: 2).

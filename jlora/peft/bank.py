@@ -148,7 +148,8 @@ def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
     path: the folder (its subfolders, and itself if it holds an adapter).
     params: the base parameters.
     rules: how parameter paths name PyTorch modules.
-    layouts, dtype: as for ``jlora.peft.load``.
+    layouts: as for ``jlora.peft.load``.
+    dtype: as for ``jlora.peft.load``.
 
   Returns:
     ``Bank(frozen, bank, names, specs, configs)``.
