@@ -1,0 +1,53 @@
+"""Session settings for the test suite: compile fast, and compile each program once.
+
+Most of the suite's time is XLA:CPU compiling small programs, not running them.
+Two settings, made here before any test imports JAX, and inherited through the
+environment by pytest-xdist workers and by the subprocesses tests start (the
+failure-injection zygotes, the multi-process workers, the benchmark scripts):
+
+* ``--xla_backend_optimization_level=0``: XLA still runs all of its HLO passes
+  (fusion, layout, the dot rewrites that the HLO tests read), but LLVM compiles
+  the kernels without optimising them. The tests' models are tiny, so the
+  slower kernels cost far less than the optimisation did. Benchmarks and the
+  example keep XLA's defaults.
+* JAX's persistent compilation cache in a directory of this run only: a
+  program that several tests, workers or subprocesses compile is compiled once.
+  It starts empty and is removed at the end, so no run sees another's results.
+
+A variable set by the caller wins: ``JLORA_TEST_XLA_DEFAULTS=1`` keeps XLA's own
+optimisation level (to check a failure does not depend on it), and an exported
+``JAX_COMPILATION_CACHE_DIR`` is used and left in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+_OWN_CACHE_ENV = "JLORA_TEST_OWN_CACHE"
+
+
+def _configure_environment() -> None:
+  if os.environ.get("JLORA_TEST_XLA_DEFAULTS") != "1":
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # The controller (or a run without xdist) makes the directory; workers,
+    # started after this, inherit the variable and share it.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jlora-test-jax-cache-")
+    os.environ[_OWN_CACHE_ENV] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  # Cache every program, however quick its compile: the small ones are most of them.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_configure_environment()
+
+
+def pytest_unconfigure(config):
+  own = os.environ.get(_OWN_CACHE_ENV)
+  # Only the process that made the directory removes it (not an xdist worker).
+  if own and not os.environ.get("PYTEST_XDIST_WORKER"):
+    shutil.rmtree(own, ignore_errors=True)
