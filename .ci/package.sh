@@ -73,7 +73,7 @@ print(f"ok   sdist holds pyproject.toml, README.md, jlora/ with _version.py and 
 with zipfile.ZipFile(wheel) as z:
   names = set(z.namelist())
   entry_points = z.read(f"jlora-{version}.dist-info/entry_points.txt").decode()
-need = {"jlora/py.typed", "jlora/_version.py", "jlora/cli/__init__.py"}
+need = {"jlora/py.typed", "jlora/_version.py", "jlora/cli/__init__.py", "jlora/adapters/__init__.py"}
 assert need <= names, f"the wheel lacks {sorted(need - names)}"
 assert not any(n.startswith("tests/") for n in names), "the wheel holds tests/"
 assert "jlora = jlora.cli:main" in entry_points, entry_points

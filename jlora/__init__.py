@@ -17,16 +17,12 @@ from jlora import base, bnb, orbax, peft
 from jlora import _deprecated
 from jlora._version import __version__
 from jlora._paths import path_str
-from jlora.adapter import Adapter
-from jlora.bank import LoraBank, select_adapter, stack_adapters
-from jlora.combine import Combination, combine
-from jlora.dora import DoraParam
+from jlora.adapters import (Adapter, Combination, DoraParam, LoraBank, LoraParam, combine,
+                            relative_to_original, select_adapter, stack_adapters)
 from jlora.errors import (LoraCheckpointError, LoraError, LoraFileError, LoraLayoutError,
                           LoraMaterializeWarning, LoraPeftError, LoraSpecError, LoraTreeError)
-from jlora.inits import relative_to_original
 from jlora.interpret import infer_layouts, lora
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
 from jlora.merge import frozen_like, merge, unmerge
 from jlora.optim import freeze_a, lora_fa, lora_plus, optimizer
 from jlora.plan import Plan, plan

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from jlora import _compat
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraError, LoraTreeError
-from jlora.adapter import Adapter, is_adapter
-from jlora.bank import LoraBank, select_adapter
+from jlora.adapters.adapter import Adapter, is_adapter
+from jlora.adapters.bank import LoraBank, select_adapter
 from jlora.quant.nf4 import NF4Array, quantize_array
 from jlora.transform import split_trees
 

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlora.dora import DoraParam
+from jlora.adapters.dora import DoraParam
 from jlora.errors import LoraSpecError, LoraTreeError
-from jlora.lora_param import LoraParam
+from jlora.adapters.lora_param import LoraParam
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
-from jlora.bank import LoraBank
+from jlora.adapters.adapter import is_adapter
+from jlora.adapters.bank import LoraBank
 
 
 def optimizer(tx: optax.GradientTransformation, trainable: Any

@@ -15,7 +15,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import LoraSpecError
-from jlora import inits
+from jlora.adapters import inits
 from jlora.layout import Layout
 
 # A selection of parameter paths: a regex matched in full against the
@@ -94,7 +94,7 @@ class LoraSpec:
     alpha_pattern: regex -> alpha, likewise.
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     use_dora: weight-decomposed LoRA (``jlora.DoraParam``): a trained magnitude
-      per output column beside the pair (see ``jlora.dora``).
+      per output column beside the pair (see ``jlora.adapters.dora``).
     init: ``"default"``: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PEFT's
       kaiming-uniform; ``"gaussian"``: A ~ N(0, 1/r^2); B = 0 in both, so the
       adapted model starts equal to the base. ``"pissa"``
@@ -102,7 +102,7 @@ class LoraSpec:
       adapter from W0's top singular directions or its QR factors and
       replace W0 in ``frozen`` by the residual; ``"loftq"``
       (``"loftq_iter_N"``) makes the frozen base NF4 and fits the adapter to
-      what quantization lost (see ``jlora.inits``).
+      what quantization lost (see ``jlora.adapters.inits``).
     dropout: dropout rate applied to the input of the LoRA path only,
       ``W0 x + s B(A drop(x))``; active only when a dropout key is passed.
     dtype: dtype of A and B (float32 by default, also for a bf16 base).

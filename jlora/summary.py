@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
 from jlora.errors import LoraError
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 from jlora.transform import lora_transform
 from jlora.layout import Layout
 from jlora.quant import default_target

@@ -28,10 +28,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import LoraLayoutError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths, is_weight_node
-from jlora import inits
-from jlora.adapter import Adapter, is_adapter
-from jlora.dora import DoraParam, column_norm
-from jlora.lora_param import LoraParam
+from jlora.adapters import inits
+from jlora.adapters.adapter import Adapter, is_adapter
+from jlora.adapters.dora import DoraParam, column_norm
+from jlora.adapters.lora_param import LoraParam
 from jlora.quant.nf4 import quantize_array
 from jlora.sharding import factor_shardings, leaf_sharding
 from jlora.layout import Layout

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import jlora
-from jlora.dora import column_norm, to_weight_axes
+from jlora.adapters.dora import column_norm, to_weight_axes
 from models import LinenLM, LMConfig
 from reference import (JIT, NoMaterialize, assert_close_forward, assert_close_grads,
                        loss_of, max_abs_diff, maybe_jit, normal, perturb)

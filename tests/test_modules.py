@@ -9,7 +9,10 @@ to check another checkout):
 * no two file-format namespaces (``jlora.base``, ``jlora.bnb``,
   ``jlora.orbax``, ``jlora.peft``) import each other, one in each direction,
   counting imports inside functions: what two formats share belongs in a
-  module of its own. ``jlora.cli`` renders every format and is left out.
+  module of its own. ``jlora.cli`` renders every format and is left out;
+* the adapter kinds (``jlora.adapters``) import no other part of jlora than
+  ``ADAPTERS_MAY_IMPORT``: the interpreter, the transform and the formats
+  import them, so anything more would be an import cycle in waiting.
 """
 
 import ast
@@ -20,6 +23,8 @@ import pytest
 
 MAX_LINES = 650
 FORMATS = ("jlora.base", "jlora.bnb", "jlora.orbax", "jlora.peft")
+# What the adapter kinds build on (LoftQ quantizes W0 with jlora.quant.nf4).
+ADAPTERS_MAY_IMPORT = {"jlora.layout", "jlora.errors", "jlora._paths", "jlora.quant.nf4"}
 # Modules allowed past the limit while a split is under way (none now); the
 # test below says when an entry is no longer needed.
 BEING_SPLIT: set[str] = set()
@@ -102,6 +107,20 @@ def test_file_formats_do_not_import_each_other():
   assert not both, f"file-format namespaces import each other: {both}"
   # The walk sees the imports it must: jlora.bnb names PyTorch modules with jlora.peft.Rules.
   assert ("jlora.bnb", "jlora.peft") in edges
+
+
+def test_adapter_kinds_import_only_leaf_modules():
+  sources = _sources()
+  known = set(sources)
+  kinds = {m: f for m, f in sources.items() if m.startswith("jlora.adapters")}
+  assert {"jlora.adapters", "jlora.adapters.bank", "jlora.adapters.inits"} <= set(kinds)
+  outside = {}
+  for module, f in kinds.items():
+    for target in imported(f.read_text(), module, f.name == "__init__.py", known):
+      if ((target == "jlora" or target.startswith("jlora."))
+          and not target.startswith("jlora.adapters") and target not in ADAPTERS_MAY_IMPORT):
+        outside.setdefault(module, []).append(target)
+  assert not outside, f"jlora.adapters imports more of jlora than {ADAPTERS_MAY_IMPORT}: {outside}"
 
 
 @pytest.mark.parametrize("source, module, is_package, want", [

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
-from jlora import adapter as adapter_kinds
+from jlora.adapters import adapter as adapter_kinds
 from jlora.orbax import arrays
 from jlora.cli import main as cli_main
 from orbax_util import assert_trees_equal

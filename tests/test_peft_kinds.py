@@ -103,7 +103,7 @@ def test_dora_and_embeddings_both_ways_on_llama(tmp_path):
   # One folder is DoRA or not: mixed kinds are refused, as is a bank of DoRA adapters.
   plain = _adapter(params, jlora.LoraSpec(rank=4, targets=r".*/v_proj/kernel"), 1)
   mixed = jax.tree.map(lambda a, b: a if a is not None else b, t, plain,
-                       is_leaf=lambda x: x is None or jlora.adapter.is_adapter(x))
+                       is_leaf=lambda x: x is None or jlora.adapters.is_adapter(x))
   with pytest.raises(jlora.LoraPeftError, match=r"mixes \['DoraParam', 'LoraParam'\].*two folders"):
     jlora.peft.save(tmp_path / "mixed", mixed, rules)
   with pytest.raises(jlora.LoraTreeError, match="is a DoraParam \\('dora'\\); a bank holds plain"):

@@ -15,7 +15,7 @@ import jax
 from jlora import base as base_files
 from jlora import orbax as jorbax
 from jlora import peft
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 from jlora.cli._options import (_adapter_kind, _check_out, _load_jlora, _load_peft, _rules,
                                 _rules_hint, _rules_parser)
 from jlora.errors import LoraFileError, LoraPeftError

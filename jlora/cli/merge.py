@@ -18,7 +18,7 @@ import jax
 
 from jlora import base as base_files
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 from jlora.cli._options import (_adapter_kind, _check_out, _load_jlora, _load_peft,
                                 _out_format, _rules_parser)
 from jlora.errors import LoraFileError

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.bank import LoraBank
+from jlora.adapters.bank import LoraBank
 from jlora.errors import LoraLayoutError, LoraTreeError
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib

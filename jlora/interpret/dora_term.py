@@ -1,4 +1,4 @@
-"""DoraTerm: DoRA as an adapter term (see ``jlora.dora``).
+"""DoraTerm: DoRA as an adapter term (see ``jlora.adapters.dora``).
 
 It scales every output column of ``x (W0 + s B A)`` by ``m / ||W0 + s B A||``.
 The column norms come from W0's, ``W0^T A`` and ``A^T A``, never from the
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jlora.dora import DoraParam
+from jlora.adapters.dora import DoraParam
 from jlora.errors import LoraLayoutError
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib

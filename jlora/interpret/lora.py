@@ -11,7 +11,7 @@ import numpy as np
 
 from jlora import _compat, transform
 from jlora._paths import is_weight_node
-from jlora.bank import LoraBank
+from jlora.adapters.bank import LoraBank
 from jlora.errors import LoraSpecError, LoraTreeError
 from jlora.interpret.bank_term import STRATEGIES
 from jlora.interpret import interpreter, tracing

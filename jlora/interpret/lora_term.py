@@ -21,7 +21,7 @@ from jlora.interpret import dot as dot_lib
 from jlora.interpret import factors
 from jlora.interpret import values
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam, lowrank_product
+from jlora.adapters.lora_param import LoraParam, lowrank_product
 
 
 @jax.tree_util.register_dataclass

@@ -12,8 +12,8 @@ import numpy as np
 
 from jlora._paths import flatten_with_paths
 from jlora.layout import Layout
-from jlora.adapter import is_adapter
-from jlora.bank import LoraBank
+from jlora.adapters.adapter import is_adapter
+from jlora.adapters.bank import LoraBank
 from jlora.spec import LoraSpec
 from jlora.orbax import adapter, fingerprint
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from jlora.errors import LoraCheckpointError, LoraError
 from jlora.layout import Layout
-from jlora import adapter as adapter_kinds
+from jlora.adapters import adapter as adapter_kinds
 # Imported for their kinds' registration (register_kind).
-from jlora import bank as _bank, dora as _dora, lora_param as _lora_param  # noqa: F401
+from jlora.adapters import bank as _bank, dora as _dora, lora_param as _lora_param  # noqa: F401
 from jlora.spec import LoraSpec
 from jlora.orbax import names
 

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 
 from jlora.errors import LoraCheckpointError, LoraSpecError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.adapter import Adapter, is_adapter
-from jlora.bank import LoraBank
-from jlora.dora import DoraParam
+from jlora.adapters.adapter import Adapter, is_adapter
+from jlora.adapters.bank import LoraBank
+from jlora.adapters.dora import DoraParam
 from jlora.spec import LoraSpec
-from jlora.inits import is_base_changing
+from jlora.adapters.inits import is_base_changing
 from jlora.transform import check_factors
 from jlora.orbax import arrays, encoding, fingerprint, names
 

@@ -12,8 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlora import _compat
 from jlora.errors import LoraCheckpointError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
-from jlora.inits import is_base_changing
+from jlora.adapters.adapter import is_adapter
+from jlora.adapters.inits import is_base_changing
 from jlora.spec import LoraSpec
 from jlora.orbax import arrays, encoding, fingerprint, names, validation
 

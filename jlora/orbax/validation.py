@@ -87,7 +87,7 @@ def read_json(restore: RestoreFn, item: str, path: pathlib.Path, fmt: str) -> di
 def check_kinds(meta: dict[str, Any], path: pathlib.Path) -> None:
   """Every adapter in the metadata is of a kind this jlora knows, with the
   fields it knows: refused before any array is read, never loaded half-way."""
-  from jlora import adapter as adapter_kinds
+  from jlora.adapters import adapter as adapter_kinds
   written = meta.get("jlora_version", "?")
   for e in meta["entries"]:
     if e["kind"] == "extra":

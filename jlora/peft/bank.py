@@ -17,7 +17,7 @@ import pathlib
 from typing import Any, Mapping, NamedTuple
 
 from jlora import _atomic
-from jlora.bank import bank_names, select_adapter, stack_adapters
+from jlora.adapters.bank import bank_names, select_adapter, stack_adapters
 from jlora.errors import LoraPeftError
 from jlora.layout import Layout
 from jlora.peft import mark, names

@@ -16,10 +16,10 @@ import numpy as np
 from jlora import _atomic, _multihost
 from jlora.errors import LoraLayoutError, LoraPeftError, LoraTreeError
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
-from jlora.bank import LoraBank
-from jlora.dora import DoraParam
-from jlora.inits import relative_to_original
+from jlora.adapters.adapter import is_adapter
+from jlora.adapters.bank import LoraBank
+from jlora.adapters.dora import DoraParam
+from jlora.adapters.inits import relative_to_original
 from jlora.spec import LoraSpec
 from jlora.peft import config as peft_config
 from jlora.peft import mark, names

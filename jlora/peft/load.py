@@ -20,10 +20,10 @@ from typing import Any, Mapping, NamedTuple
 import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
-from jlora.dora import DoraParam
+from jlora.adapters.dora import DoraParam
 from jlora.errors import LoraPeftError
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
+from jlora.adapters.lora_param import LoraParam
 from jlora.spec import LoraSpec
 from jlora.peft import assemble, checks, folder, full_weights, match, names
 from jlora.peft.rules import RulesLike, as_rules

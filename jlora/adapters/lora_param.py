@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.adapter import Adapter, register_kind
+from jlora.adapters.adapter import Adapter, register_kind
 from jlora.layout import Layout
 
 

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
-from jlora.adapter import Adapter, is_adapter, register_kind
+from jlora.adapters.adapter import Adapter, is_adapter, register_kind
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam, pair_axes
+from jlora.adapters.lora_param import LoraParam, pair_axes
 
 
 @register_kind

@@ -19,10 +19,10 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
-from jlora.adapter import Adapter, register_kind
+from jlora.adapters.adapter import Adapter, register_kind
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
-from jlora.lora_param import lowrank_product, pair_axes
+from jlora.adapters.lora_param import lowrank_product, pair_axes
 
 
 @register_kind

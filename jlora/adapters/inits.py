@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
-from jlora.lora_param import LoraParam
+from jlora.adapters.lora_param import LoraParam
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _LOFTQ = re.compile(r"loftq(?:_iter_([1-9]\d*))?")
@@ -116,7 +116,7 @@ def loftq(init: str, w0: jax.Array, layout: Layout, rank: int, scale: float,
     >>> bool(jnp.abs(q.dequantize(jnp.float32) + a @ b - w).mean() < base)
     True
   """
-  from jlora.lora_param import lowrank_product
+  from jlora.adapters.lora_param import lowrank_product
   from jlora.quant.nf4 import quantize_array
   rounds = int(_LOFTQ.fullmatch(init).group(1) or 1)
   w = jnp.asarray(w0, jnp.float32)

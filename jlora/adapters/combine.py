@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 from jlora.errors import LoraSpecError, LoraTreeError
-from jlora.lora_param import LoraParam
+from jlora.adapters.lora_param import LoraParam
 
 METHODS = ("cat", "linear", "svd")
 
