@@ -524,4 +524,5 @@ def test_a_parameter_leaf_that_is_not_an_array_is_refused_by_path():
   del frozen["tags"], trainable["tags"], params["tags"]
   frozen["step"], trainable["step"] = 3, None
   frozen["scale"], trainable["scale"] = np.float32(2.0), None
+  frozen["half"], trainable["half"] = jnp.ones(2, jnp.bfloat16), None   # a dtype of kind "V"
   np.testing.assert_allclose(jlora.lora(fn)(frozen, trainable, x), x @ params["fc"]["kernel"])

@@ -29,7 +29,8 @@ def _is_param_value(x: Any) -> bool:
     return True
   if not isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
     return False
-  return np.dtype(x.dtype).kind not in "OSUV" if isinstance(x.dtype, np.dtype) else True
+  # (bfloat16 and the float8 types are of kind "V": only text and objects are refused)
+  return np.dtype(x.dtype).kind not in "OSU" if isinstance(x.dtype, np.dtype) else True
 
 
 def check_param_leaves(pairs: Iterable[tuple[str, Any]]) -> None:
