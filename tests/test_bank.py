@@ -260,6 +260,24 @@ def test_stack_adapters_refuses_what_a_bank_cannot_hold():
     jlora.stack_adapters({"b": t2, "d": t4})
 
 
+def test_stack_adapters_of_bases_of_another_width_is_refused_by_path():
+  # A's shapes agree; only B's output width tells the bases apart.
+  _, narrow = jlora.lora_transform({"w": normal((8, 4))}, jlora.LoraSpec(rank=2, targets=["w"]),
+                                   key=jax.random.key(0))
+  _, wide = jlora.lora_transform({"w": normal((8, 6))}, jlora.LoraSpec(rank=3, targets=["w"]),
+                                 key=jax.random.key(1))
+  with pytest.raises(jlora.LoraTreeError, match=(
+      r"^'w': adapters 'a' and 'b' were made for weights of different shapes \(\(8, 4\) and "
+      r"\(8, 6\): A \(8, 2\), B \(2, 4\) and A \(8, 3\), B \(3, 6\)\); a bank stacks")):
+    jlora.stack_adapters({"a": narrow, "b": wide})
+  # A pair whose own factors disagree (B of another rank) is named too.
+  lp = narrow["w"]
+  bad = {"w": dataclasses.replace(lp, b=jnp.zeros((3, 4)))}
+  with pytest.raises(jlora.LoraTreeError,
+                     match=r"'w': the factors of adapter 'c' do not fit together"):
+    jlora.stack_adapters({"a": narrow, "c": bad})
+
+
 # -- training several adapters in one step ------------------------------------------------
 
 

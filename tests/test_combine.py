@@ -94,3 +94,33 @@ def test_bad_inputs_are_named():
       rank=2, targets=["w"], layouts={"w": STACKED}), key=jax.random.key(0))
   with pytest.raises(jlora.LoraTreeError, match="not for the same parameters"):
     jlora.combine([adapters[0], other])
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_adapters_of_bases_of_another_width_are_refused_by_path(method):
+  # A's shapes agree; only B's output width tells the bases apart.
+  _, narrow = jlora.lora_transform({"v": normal((6, 5))}, jlora.LoraSpec(rank=2, targets=["v"]),
+                                   key=jax.random.key(0))
+  _, wide = jlora.lora_transform({"v": normal((6, 7))}, jlora.LoraSpec(rank=2, targets=["v"]),
+                                 key=jax.random.key(1))
+  rank = 2 if method == "svd" else None
+  with pytest.raises(jlora.LoraTreeError, match=(
+      r"^combine: 'v': adapters 'x' and 'y' were made for weights of different shapes "
+      r"\(\(6, 5\) and \(6, 7\): A \(6, 2\), B \(2, 5\) and A \(6, 2\), B \(2, 7\)\)")):
+    jlora.combine({"x": narrow, "y": wide}, method=method, rank=rank)
+  with pytest.raises(jlora.LoraTreeError, match=r"^combine: 'v': adapters 0 and 1 were made"):
+    jlora.combine([narrow, wide], method=method, rank=rank)
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "heavy", None])
+def test_weights_that_are_not_finite_numbers_are_refused(method, bad):
+  adapters = _adapters()
+  rank = 2 if method == "svd" else None
+  what = "must be finite" if isinstance(bad, float) else "must be a number"
+  with pytest.raises(jlora.LoraSpecError, match=f"^combine: the weight of adapter 1 {what}"):
+    jlora.combine(adapters, [0.5, bad, 1.0], method=method, rank=rank)
+  named = dict(zip("abc", adapters))
+  with pytest.raises(jlora.LoraSpecError, match=f"the weight of adapter 'c' {what}"):
+    jlora.combine(named, [0.5, 1.0, np.float32(bad) if isinstance(bad, float) else bad],
+                  method=method, rank=rank)

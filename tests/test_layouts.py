@@ -135,6 +135,35 @@ def test_tied_weight_used_consistently():
   assert layouts == {"w": L((0,), (1,))}
 
 
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_a_wrong_layout_of_a_transposed_weight_names_the_stored_shape_first(use_jit):
+  # As Hugging Face's Flax GPT-2 Conv1D: a kernel stored (out, in), transposed before x @ w.
+  params = _fill({"c_attn": {"kernel": jnp.ones((192, 64))}}, 0)
+  fn = lambda p, x: x @ p["c_attn"]["kernel"].T  # noqa: E731
+  x = jnp.ones((2, 64))
+  wrong = L((0,), (1,))
+  apply = jlora.lora(fn)
+  apply = jax.jit(apply) if use_jit else apply
+  for kind in ("lora", "dora", "bank"):
+    spec = jlora.LoraSpec(rank=2, targets=["kernel"], layouts={"kernel": wrong},
+                          use_dora=kind == "dora")
+    frozen, trainable = jlora.lora_transform(params, spec, key=KEY)
+    ids = None
+    if kind == "bank":
+      trainable, ids = jlora.stack_adapters({"a": trainable, "b": trainable}), jnp.array([0, 1])
+    with pytest.raises(jlora.LoraLayoutError, match=(
+        r"^'c_attn/kernel': its LoRA factors were laid out for the weight as stored \(shape "
+        r"\(192, 64\)\) with input axes \(0,\), output axes \(1,\) and stack axes \(\), "
+        r"but the model uses a view of it \(shape \(64, 192\), where those are axes \(1,\), "
+        r"\(0,\) and \(\)\) and contracts the view over axes \(0,\) with batch axes \(\); "
+        r"this use needs Layout\(in_axes=\(1,\), out_axes=\(0,\), stack_axes=\(\)\) for the "
+        r"stored weight\. Build the adapter")):
+      apply(frozen, trainable, x, lora_adapter_ids=ids)
+  # The layout it names is the one that works (and the one inferred).
+  assert jlora.infer_layouts(fn, params, x) == {"c_attn/kernel": L((1,), (0,))}
+  _check_forward(fn, params, x)
+
+
 def test_conflicting_uses_raise():
   params = {"emb": jnp.ones((8, 8)), "ok": jnp.ones((8, 8))}
   x = jnp.ones((3, 8))

@@ -100,3 +100,25 @@ def test_inspect_lists_a_banks_adapters(tmp_path, capsys):
                    "--out", str(tmp_path / "m.safetensors")]) == 1
   assert "holds several PEFT adapters (a, b); pass one adapter's folder" in \
       capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, why", [
+    ("adapter_model.safetensors", "it is the name of a file of the folder's own adapter"),
+    ("adapter_config.json", "it is the name of a file of the folder's own adapter"),
+    ("a/b", "it must be one plain path component"), ("..", "it must be one plain"),
+    ("", "it must be one plain path component"), (".hidden", "a hidden name"),
+])
+def test_save_bank_refuses_adapter_names_that_cannot_be_subfolders(tmp_path, name, why):
+  params = {"fc": {"kernel": jnp.ones((8, 4))}}
+  _, t = jlora.lora_transform(params, jlora.LoraSpec(rank=2, targets=["fc/kernel"]),
+                              key=jax.random.key(0))
+  bank = jlora.stack_adapters({"default": t, name: t})
+  for overwrite in (False, True):
+    with pytest.raises(jlora.LoraPeftError, match=(
+        rf"^save_bank: adapter name {name!r} cannot be a subfolder's name: {why}")):
+      jlora.peft.save_bank(tmp_path / "b", bank, jlora.peft.Rules(), overwrite=overwrite)
+    assert not list(tmp_path.iterdir())           # nothing written, nothing staged
+  jlora.peft.save_bank(tmp_path / "b", jlora.stack_adapters({"default": t, "x": t}),
+                       jlora.peft.Rules())
+  assert jlora.peft.load_bank(tmp_path / "b", params, jlora.peft.Rules()).names == (
+      "default", "x")

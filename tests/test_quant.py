@@ -12,6 +12,7 @@ place, and the nested codes are shown equal given bitsandbytes' offset.
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 
 import jax
@@ -234,3 +235,102 @@ def test_docstring_examples():
   result = doctest.testmod(jlora.quant.nf4,
                            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_block_size_that_is_not_an_int_is_refused():
+  params = {"kernel": jnp.ones((128, 64))}
+  for bad in (64.0, True, "64", None):
+    with pytest.raises(jlora.LoraSpecError, match=r"block_size must be an int, one of \(32,"):
+      jlora.quantize(params, block_size=bad)
+  assert jlora.quantize(params, block_size=np.int64(128))["kernel"].block_size == 128
+
+
+# -- an NF4Array is checked where it is built -----------------------------------------
+
+
+def _stacked():
+  w = jnp.asarray(_weights((3, 40, 24), "heavy", seed=11))
+  return jlora.quantize({"k": w}, ["k"], layouts={"k": jlora.Layout((1,), (2,), (0,))})["k"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    # codes truncated to half
+    (lambda q: dict(codes=q.codes[:q.codes.shape[0] // 2]),
+     r"codes is shape \(2048,\) dtype uint8, expected shape \(4096,\) dtype uint8"),
+    # double-quantization codes read as plain float32 absmax
+    (lambda q: dict(nested_absmax=None, offset=None),
+     r"absmax is shape \(128,\) dtype uint8, expected shape \(128,\) dtype float32"),
+    # a block size that disagrees with the arrays
+    (lambda q: dict(block_size=128), r"absmax is shape \(128,\).*expected shape \(64,\)"),
+    (lambda q: dict(block_size=48), r"block_size must be an int, one of"),
+    (lambda q: dict(block_size=64.0), r"block_size must be an int, one of"),
+    # float32 absmax of the right count under double quantization
+    (lambda q: dict(absmax=q.absmax.astype(jnp.float32)),
+     r"absmax is shape \(128,\) dtype float32, expected shape \(128,\) dtype uint8"),
+    (lambda q: dict(offset=None), "has nested_absmax but not offset"),
+    (lambda q: dict(nested_absmax=None), "has offset but not nested_absmax"),
+    (lambda q: dict(codes=q.codes.astype(jnp.int32)), "codes is .*dtype int32"),
+    (lambda q: dict(nested_absmax=q.nested_absmax[:0]), r"nested_absmax is shape \(0,\)"),
+    (lambda q: dict(shape=(128, 32)), r"codes is shape \(4096,\).*expected shape \(2048,\)"),
+    (lambda q: dict(shape=(128, "64")), "shape must be a tuple of non-negative ints"),
+    (lambda q: dict(dtype=jnp.int8), "dtype must be the floating-point dtype"),
+    (lambda q: dict(layout=jlora.Layout((0,), (1,), (2,))),
+     r"layout Layout\(.*\) does not partition"),
+])
+def test_an_inconsistent_nf4array_is_refused(edit, match):
+  q = jlora.quantize({"kernel": jnp.asarray(_weights((128, 64), "normal"))})["kernel"]
+  assert q.shape == (128, 64) and q.double_quant
+  changes = edit(q)
+  with pytest.raises(jlora.LoraSpecError, match=r"NF4Array of shape \(128, .*: " + match):
+    dataclasses.replace(q, **changes)
+  fields = {name: getattr(q, name) for name in
+            ("codes", "absmax", "nested_absmax", "offset", "shape", "dtype", "layout",
+             "block_size")}
+  with pytest.raises(jlora.LoraSpecError, match=match):
+    jlora.NF4Array(**{**fields, **changes})
+  # So none reaches dequantize (or the interpreter), where a wrong length was a
+  # raw reshape error and a truncated array silently read zeros.
+
+
+def test_a_stack_of_the_wrong_length_is_refused():
+  q = _stacked()
+  with pytest.raises(jlora.LoraSpecError,
+                     match=r"NF4Array of shape \(3, 40, 24\): codes is shape \(2, 480\)"):
+    dataclasses.replace(q, codes=q.codes[:2])
+  with pytest.raises(jlora.LoraSpecError, match=r"offset is shape \(\)"):
+    dataclasses.replace(q, offset=q.offset[0])
+
+
+def test_an_nf4array_is_still_a_pytree_under_transformations():
+  q = _stacked()
+  dense = np.asarray(q.dequantize())
+  # (jitted, the absmax is dequantized by XLA, which may fuse its multiply-add)
+  np.testing.assert_allclose(np.asarray(jax.jit(lambda q: q.dequantize())(q)), dense, rtol=1e-6)
+  abstract = jax.eval_shape(lambda q: q, q)
+  assert isinstance(abstract, jlora.NF4Array) and abstract.codes.shape == (3, 480)
+  # Trees of other things (vmap's axis specs, shardings, sentinels) rebuild it too.
+  for value in (object(), None, 0, "x"):
+    jax.tree_util.tree_map(lambda _: value, q)
+  mesh = jax.make_mesh((1,), ("data",))
+  s = jlora.sharding.nf4_shardings(q, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  assert s.codes.spec == jax.sharding.PartitionSpec("data", None)
+  # vmap and scan over the stack axis see one slice's arrays under the stack's metadata.
+  per_layer = jax.vmap(lambda q: q.codes.astype(jnp.int32).sum())(q)
+  np.testing.assert_array_equal(per_layer, np.asarray(q.codes, np.int64).sum(-1))
+  assert jax.vmap(lambda q: q)(q).codes.shape == (3, 480)
+  assert jax.vmap(lambda q, x: x * 2, in_axes=(None, 0))(q, jnp.ones(2)).shape == (2,)
+  total, _ = jax.lax.scan(lambda c, q: (c + q.absmax.astype(jnp.int32).sum(), None), 0, q)
+  assert int(total) == int(np.asarray(q.absmax, np.int64).sum())
+  # Gradients: the codes' cotangents are float0.
+  plain = jlora.quantize({"k": jnp.ones((64, 64))}, ["k"], double_quant=False)["k"]
+  g = jax.grad(lambda q: q.dequantize().sum(), allow_int=True)(plain)
+  assert g.absmax.shape == plain.absmax.shape and g.codes.dtype == jax.dtypes.float0
+  # And it still runs under jlora.lora, jitted (its leaves are tracers there).
+  frozen, trainable = jlora.lora_transform(
+      {"k": q}, jlora.LoraSpec(rank=2, targets=["k"]), key=jax.random.key(0),
+      layouts={"k": q.layout})
+  x = jnp.ones((3, 5, 40))
+  fn = lambda p, x: jnp.einsum("lbi,lio->lbo", x, p["k"])  # noqa: E731
+  got = jax.jit(jlora.lora(fn))(frozen, trainable, x)
+  np.testing.assert_allclose(got, fn({"k": jnp.asarray(dense)}, x), rtol=1e-5, atol=1e-4)

@@ -503,3 +503,26 @@ def test_mismatched_rank_between_a_and_b():
   with pytest.raises(jlora.LoraTreeError, match=r"'params/fc1/kernel'.*expected A\(16, 4\) "
                      r"and B\(4, 32\)"):
     jlora.lora(model.apply)(frozen, bad, jnp.ones((1, 16)))
+
+
+def test_a_parameter_leaf_that_is_not_an_array_is_refused_by_path():
+  params = {"fc": {"kernel": jnp.ones((4, 3)), "name": "fc"}, "tags": np.array(["a", "b"])}
+  fn = lambda p, x: x @ p["fc"]["kernel"]  # noqa: E731
+  frozen, trainable = jlora.lora_transform(params, jlora.LoraSpec(rank=2, targets=["kernel"]),
+                                           key=KEY)
+  x = jnp.ones((2, 4))
+  with pytest.raises(jlora.LoraTreeError,
+                     match=r"^'fc/name': a parameter leaf must be a numeric array or number, "
+                           r"got str 'fc'"):
+    jlora.lora(fn)(frozen, trainable, x)
+  with pytest.raises(jlora.LoraTreeError, match=r"^'fc/name': .* got str 'fc'"):
+    jlora.infer_layouts(fn, params, x)
+  del frozen["fc"]["name"], trainable["fc"]["name"], params["fc"]["name"]
+  with pytest.raises(jlora.LoraTreeError, match=r"^'tags': .* got ndarray of dtype <U1"):
+    jlora.lora(fn)(frozen, trainable, x)
+  # Numbers, NumPy scalars and arrays are fine, as JAX traces them.
+  del frozen["tags"], trainable["tags"], params["tags"]
+  frozen["step"], trainable["step"] = 3, None
+  frozen["scale"], trainable["scale"] = np.float32(2.0), None
+  frozen["half"], trainable["half"] = jnp.ones(2, jnp.bfloat16), None   # a dtype of kind "V"
+  np.testing.assert_allclose(jlora.lora(fn)(frozen, trainable, x), x @ params["fc"]["kernel"])

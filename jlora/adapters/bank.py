@@ -26,7 +26,7 @@ from jlora._paths import flatten_with_paths
 from jlora.adapters.adapter import Adapter, is_adapter, register_kind
 from jlora.errors import LoraTreeError
 from jlora.layout import Layout
-from jlora.adapters.lora_param import LoraParam, pair_axes
+from jlora.adapters.lora_param import LoraParam, pair_axes, weight_shape_of
 
 
 @register_kind
@@ -119,7 +119,8 @@ def stack_adapters(adapters: Mapping[str, Any]) -> Any:
   Raises:
     LoraTreeError: the trees do not share a structure, an adapter trains a
       weight in full (a bank holds LoRA factors only), or the adapters lay
-      out one weight differently, with different dropout rates or dtypes.
+      out one weight differently, with different dropout rates or dtypes, or
+      were made for weights of different shapes.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -177,11 +178,11 @@ def _stack_one(path: str, names: tuple[str, ...], present: Mapping[str, LoraPara
   for name, lp in present.items():
     for what, mine, theirs in (("layout", lp.layout, ref.layout),
                                ("dropout rate", lp.dropout, ref.dropout),
-                               ("factor dtype", lp.a.dtype, ref.a.dtype),
-                               ("A shape (but rank)", lp.a.shape[:-1], ref.a.shape[:-1])):
+                               ("factor dtype", lp.a.dtype, ref.a.dtype)):
       if mine != theirs:
         raise LoraTreeError(f"'{path}': adapters {ref_name!r} and {name!r} differ in {what} "
                             f"({theirs} and {mine}); a bank stacks adapters of one layout")
+  check_same_weight(path, present, "a bank stacks adapters of one base")
   r_max = max(lp.rank for lp in present.values())
   ns = len(ref.layout.stack_axes)
   a_parts, b_parts = [], []
@@ -199,6 +200,27 @@ def _stack_one(path: str, names: tuple[str, ...], present: Mapping[str, LoraPara
                   scales=tuple(float(present[n].scale) if n in present else 0.0 for n in names),
                   ranks=tuple(present[n].rank if n in present else 0 for n in names),
                   names=names, layout=ref.layout, dropout=ref.dropout)
+
+
+def check_same_weight(path: str, pairs: Mapping[Any, LoraParam], why: str,
+                      prefix: str = "") -> None:
+  """Raises LoraTreeError unless every pair's factors fit together and adapt
+  a weight of one shape (their ranks may differ)."""
+  shapes = {}
+  for name, lp in pairs.items():
+    shapes[name] = weight_shape_of(lp.a, lp.b, lp.layout)
+    if shapes[name] is None:
+      raise LoraTreeError(f"{prefix}'{path}': the factors of adapter {name!r} do not fit "
+                          f"together (A {tuple(lp.a.shape)}, B {tuple(lp.b.shape)}, "
+                          f"{lp.layout})")
+  ref_name = next(iter(pairs))
+  for name, shape in shapes.items():
+    if shape != shapes[ref_name]:
+      ref, lp = pairs[ref_name], pairs[name]
+      raise LoraTreeError(
+          f"{prefix}'{path}': adapters {ref_name!r} and {name!r} were made for weights of "
+          f"different shapes ({shapes[ref_name]} and {shape}: A {tuple(ref.a.shape)}, B "
+          f"{tuple(ref.b.shape)} and A {tuple(lp.a.shape)}, B {tuple(lp.b.shape)}); {why}")
 
 
 def select_adapter(bank: Any, name: str) -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 
 from jlora._paths import flatten_with_paths
 from jlora.adapters.adapter import is_adapter
+from jlora.adapters.bank import check_same_weight
 from jlora.errors import LoraSpecError, LoraTreeError
 from jlora.adapters.lora_param import LoraParam
 
@@ -58,9 +59,10 @@ def combine(adapters: Mapping[str, Any] | Sequence[Any], weights: Sequence[float
     ``Combination(trainable, errors)``.
 
   Raises:
-    LoraSpecError: an unknown method, a missing or impossible rank.
-    LoraTreeError: the trees are not for one base, or one trains a weight in
-      full.
+    LoraSpecError: an unknown method, a missing or impossible rank, a weight
+      that is not a finite number.
+    LoraTreeError: the trees are not for one base (another structure, or
+      factors for a weight of another shape), or one trains a weight in full.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -76,7 +78,8 @@ def combine(adapters: Mapping[str, Any] | Sequence[Any], weights: Sequence[float
   trees = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
   if not trees:
     raise LoraTreeError("combine needs at least one adapter")
-  weights = [1.0] * len(trees) if weights is None else [float(w) for w in weights]
+  labels = list(adapters) if isinstance(adapters, Mapping) else list(range(len(trees)))
+  weights = [1.0] * len(trees) if weights is None else _weights(weights, labels)
   if len(weights) != len(trees):
     raise LoraSpecError(f"{len(weights)} weights for {len(trees)} adapters")
   if method == "svd":
@@ -92,6 +95,7 @@ def combine(adapters: Mapping[str, Any] | Sequence[Any], weights: Sequence[float
   out, errors = [], {}
   for i, (path, _) in enumerate(flat[0][0]):
     parts = [(w, f[0][i][1]) for w, f in zip(weights, flat) if f[0][i][1] is not None]
+    named = {label: f[0][i][1] for label, f in zip(labels, flat) if f[0][i][1] is not None}
     for _, leaf in parts:
       if not isinstance(leaf, LoraParam):
         raise LoraTreeError(f"combine: '{path}' is not a LoraParam (a weight trained in "
@@ -103,7 +107,7 @@ def combine(adapters: Mapping[str, Any] | Sequence[Any], weights: Sequence[float
     if not parts:
       out.append(None)
       continue
-    _check_alike(path, [lp for _, lp in parts])
+    _check_alike(path, named)
     if method == "svd":
       leaf, errors[path] = _svd(path, parts, rank)
     else:
@@ -112,12 +116,30 @@ def combine(adapters: Mapping[str, Any] | Sequence[Any], weights: Sequence[float
   return Combination(treedef.unflatten(out), errors)
 
 
-def _check_alike(path: str, params: list[LoraParam]) -> None:
-  first = params[0]
-  for lp in params[1:]:
-    if lp.layout != first.layout or lp.a.shape[:-1] != first.a.shape[:-1]:
+def _weights(weights: Sequence[Any], labels: list[Any]) -> list[float]:
+  """The weights as floats; LoraSpecError for one that is not a finite number
+  (a NaN or an infinity would make every combined factor NaN)."""
+  out = []
+  for i, w in enumerate(weights):
+    label = f"adapter {labels[i]!r}" if i < len(labels) else f"weights[{i}]"
+    try:
+      value = float(w)
+    except (TypeError, ValueError):
+      raise LoraSpecError(f"combine: the weight of {label} must be a number, got "
+                          f"{w!r}") from None
+    if not math.isfinite(value):
+      raise LoraSpecError(f"combine: the weight of {label} must be finite, got {value}")
+    out.append(value)
+  return out
+
+
+def _check_alike(path: str, params: Mapping[Any, LoraParam]) -> None:
+  first = next(iter(params.values()))
+  for lp in params.values():
+    if lp.layout != first.layout:
       raise LoraTreeError(f"combine: the adapters lay out '{path}' differently "
                           f"({first.layout} and {lp.layout})")
+  check_same_weight(path, params, "adapters of one base combine", prefix="combine: ")
 
 
 def _concatenate(parts: list[tuple[float, LoraParam]], balanced: bool) -> LoraParam:

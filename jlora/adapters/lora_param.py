@@ -74,6 +74,29 @@ class LoraParam(Adapter):
     return lowrank_product(self.a, self.b, self.scale, self.layout, dtype)
 
 
+def weight_shape_of(a: Any, b: Any, layout: Layout) -> tuple[int, ...] | None:
+  """The shape of the weight that factors ``a (*stack, *in, r)`` and ``b
+  (*stack, r, *out)`` laid out by ``layout`` adapt; None when they do not fit
+  together (ranks, stack axes or axis counts disagree).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> weight_shape_of(jnp.zeros((8, 2)), jnp.zeros((2, 4)), Layout((0,), (1,)))
+    (8, 4)
+  """
+  ns, n_in, n_out = len(layout.stack_axes), len(layout.in_axes), len(layout.out_axes)
+  a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+  if (len(a_shape) != ns + n_in + 1 or len(b_shape) != ns + 1 + n_out
+      or a_shape[:ns] != b_shape[:ns] or a_shape[-1] != b_shape[ns]):
+    return None
+  shape = [0] * layout.ndim
+  for axes, dims in ((layout.stack_axes, a_shape[:ns]), (layout.in_axes, a_shape[ns:-1]),
+                     (layout.out_axes, b_shape[ns + 1:])):
+    for axis, d in zip(axes, dims):
+      shape[axis] = int(d)
+  return tuple(shape)
+
+
 def lowrank_product(a: jax.Array, b: jax.Array, scale: float, layout: Layout,
                     dtype: Any = jnp.float32) -> jax.Array:
   """``scale * B A`` laid out like the weight the layout describes."""

@@ -43,19 +43,77 @@ def factor_axes(layout: Layout, axis: int, inner: int) -> tuple[tuple[int, ...],
   return (), (ns + inner + 1 + layout.out_axes.index(axis),)
 
 
+class LayoutMismatchError(LoraLayoutError):
+  """A dot contracts a weight otherwise than its factors' layout says.
+
+  Raised in terms of the view the dot sees (``shape``, ``layout``, ``dot``);
+  ``AdaptedValue``, which knows how the weight is stored, restates it with
+  ``restated``."""
+
+  path: str
+  shape: tuple[int, ...]
+  layout: Layout
+  dot: Any
+
+  def restated(self, stored_shape: tuple[int, ...], given: Layout) -> LoraLayoutError:
+    """The error for a weight stored with ``stored_shape`` whose factors were
+    made with layout ``given``: the stored shape and the given layout first,
+    then the view the model contracts."""
+    view, lay, dot = self.shape, self.layout, self.dot
+    if tuple(stored_shape) == tuple(view) and given == lay:
+      return self
+    msg = (f"'{self.path}': its LoRA factors were laid out for the weight as stored (shape "
+           f"{tuple(stored_shape)}) with input axes {given.in_axes}, output axes "
+           f"{given.out_axes} and stack axes {given.stack_axes}, but the model uses a view of "
+           f"it (shape {tuple(view)}, where those are axes {lay.in_axes}, {lay.out_axes} and "
+           f"{lay.stack_axes}) and contracts the view over axes {dot.w_contract} with batch "
+           f"axes {dot.w_batch}")
+    fit = _stored_layout(stored_shape, given, view, lay, dot)
+    if fit is not None:
+      msg += f"; this use needs {fit} for the stored weight"
+    return LoraLayoutError(
+        msg + ". Build the adapter with layouts=jlora.infer_layouts(fn, params, ...) or give "
+        "LoraSpec(layouts={...}) for this path.")
+
+
+def _stored_layout(stored_shape, given: Layout, view, lay: Layout, dot: Any) -> Layout | None:
+  """The layout of the stored weight that the dot's use implies, when the view
+  is the stored weight with its axes permuted (each view axis traced back to
+  one stored axis of the same length); None otherwise."""
+  if len(view) != len(stored_shape):
+    return None
+  back = {}
+  for v_axes, s_axes in ((lay.in_axes, given.in_axes), (lay.out_axes, given.out_axes),
+                         (lay.stack_axes, given.stack_axes)):
+    if len(v_axes) != len(s_axes):
+      return None
+    for v, s in zip(v_axes, s_axes):
+      if view[v] != stored_shape[s]:
+        return None
+      back[v] = s
+  if sorted(back) != list(range(len(view))):
+    return None
+  to_stored = lambda axes: tuple(sorted(back[a] for a in axes))  # noqa: E731
+  if not dot.w_contract or not dot.w_free:
+    return None
+  return Layout(to_stored(dot.w_contract), to_stored(dot.w_free), to_stored(dot.w_batch))
+
+
 def check_layout(path: str, shape: tuple[int, ...], layout: Layout, dot: dot_lib.Dot) -> None:
-  """Raises LoraLayoutError unless the dot contracts the weight over the
+  """Raises LayoutMismatchError unless the dot contracts the weight over the
   layout's input axes, batches it over its stack axes, and keeps its output
   axes."""
   if (set(dot.w_contract) != set(layout.in_axes) or set(dot.w_batch) != set(layout.stack_axes)
       or set(dot.w_free) != set(layout.out_axes)):
-    raise LoraLayoutError(
+    err = LayoutMismatchError(
         f"'{path}': the model contracts this weight (shape {shape}) over axes "
         f"{dot.w_contract} with batch axes {dot.w_batch}, but its LoRA factors were "
         f"laid out for input axes {layout.in_axes}, output axes {layout.out_axes} and stack "
         f"axes {layout.stack_axes}. Build the adapter with "
         f"layouts=jlora.infer_layouts(fn, params, ...) or give "
         f"LoraSpec(layouts={{...}}) for this path.")
+    err.path, err.shape, err.layout, err.dot = path, tuple(shape), layout, dot
+    raise err
 
 
 def transpose(layout: Layout, perm: Sequence[int]) -> Layout:

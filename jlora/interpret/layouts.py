@@ -39,6 +39,7 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args, **kwargs) -> dict[
     Layout(in_axes=(0,), out_axes=(1, 2), stack_axes=())
   """
   pairs, treedef = flatten_with_paths(params)
+  tracing.check_param_leaves(pairs)
   leaves = [leaf for _, leaf in pairs]
   traced = tracing.trace(fn, leaves, treedef, args, kwargs, abstract=True)
   recorder = probe.LayoutRecorder()

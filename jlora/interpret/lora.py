@@ -69,6 +69,7 @@ def lora(fn: Callable[..., Any], *, bank_dot: str = "auto") -> Callable[..., Any
   @functools.wraps(fn)
   def apply(frozen, trainable, *args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
     leaves, treedef, adapters, paths = transform.assemble_with_paths(frozen, trainable)
+    tracing.check_param_leaves(zip(paths, leaves))
     ids = _adapter_ids(lora_adapter_ids, [a for _, a in adapters.values()])
     # A weight stored another way (an NF4Array) is traced as the dense weight
     # it stands for, and enters the interpreter as a value with no adapter.

@@ -9,17 +9,45 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from jlora import _compat
+from jlora._paths import is_weight_node
+from jlora.errors import LoraTreeError
 
 
 def _is_traced_arg(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
       isinstance(x, np.generic) and not isinstance(x, np.bool_))
+
+
+def _is_param_value(x: Any) -> bool:
+  if isinstance(x, (bool, int, float, complex)) or hasattr(x, "__jax_array__"):
+    return True
+  if not isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
+    return False
+  # (bfloat16 and the float8 types are of kind "V": only text and objects are refused)
+  return np.dtype(x.dtype).kind not in "OSU" if isinstance(x.dtype, np.dtype) else True
+
+
+def check_param_leaves(pairs: Iterable[tuple[str, Any]]) -> None:
+  """Raises LoraTreeError naming the first ``(path, leaf)`` whose leaf JAX
+  cannot trace as an input (a string, an object, an array of strings); None
+  leaves and weight nodes (an ``NF4Array``) are fine."""
+  for path, leaf in pairs:
+    if leaf is None or is_weight_node(leaf) or _is_param_value(leaf):
+      continue
+    what = type(leaf).__name__
+    if isinstance(leaf, (np.ndarray, np.generic)):
+      what += f" of dtype {leaf.dtype}"
+    shown = repr(leaf)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise LoraTreeError(f"'{path}': a parameter leaf must be a numeric array or number, got "
+                        f"{what} {' '.join(shown.split())}; keep other values out of the "
+                        f"parameter tree (pass them as arguments, or close over them)")
 
 
 class Traced(NamedTuple):

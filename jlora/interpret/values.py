@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jlora.errors import LoraError
 from jlora.interpret import axes as axes_lib
 from jlora.interpret import dot as dot_lib
+from jlora.interpret import factors
 
 # slicer(array, {array axis: weight axis}) slices ``array`` along each axis
 # named in the map as the op slices that weight axis.
@@ -232,15 +233,19 @@ class AdaptedValue:
     base: the frozen weight's view.
     terms: the adapters' shares, applied in order.
     path: the parameter's path, for messages.
+    origin: the weight's shape as stored and each adapter's layout (None for
+      a kind without one), for messages about a view of it; None if unknown.
   """
 
   base: Any
   terms: tuple[Any, ...]
   path: str = dataclasses.field(metadata=dict(static=True))
+  origin: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   @classmethod
   def of(cls, path: str, w0: Any, adapters: Sequence[Any]) -> "AdaptedValue":
-    return cls(as_base(w0), tuple(as_term(t) for t in adapters), path)
+    origin = (tuple(w0.shape), tuple(getattr(t, "layout", None) for t in adapters))
+    return cls(as_base(w0), tuple(as_term(t) for t in adapters), path, origin)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -284,7 +289,7 @@ class AdaptedValue:
       if new is None:
         return None
       terms.append(new)
-    return AdaptedValue(base, tuple(terms), self.path)
+    return AdaptedValue(base, tuple(terms), self.path, self.origin)
 
   def astype(self, dtype: Any) -> "AdaptedValue | None":
     dtype = jnp.dtype(dtype)
@@ -333,14 +338,15 @@ class AdaptedValue:
     terms = tuple(t.shard_specs(spec) for t in self.terms)
     if base is None or any(t is None for t in terms):
       return None
-    return AdaptedValue(base, terms, self.path)
+    return AdaptedValue(base, terms, self.path, self.origin)
 
   def stacked_on_axis0(self) -> "AdaptedValue":
     """This value's metadata for leaves that ``lax.scan`` stacked along a new
     axis 0: a weight a scan returns per iteration stays low-rank, each
     iteration's adapter a slice of the stack."""
     return AdaptedValue(self.base.stacked_on_axis0(),
-                        tuple(t.stacked_on_axis0() for t in self.terms), self.path)
+                        tuple(t.stacked_on_axis0() for t in self.terms), self.path,
+                        self.origin)
 
   # -- dot_general ----------------------------------------------------------------
 
@@ -353,8 +359,14 @@ class AdaptedValue:
 
   def dot_general(self, ctx: Any, x: jax.Array, dot: dot_lib.Dot) -> jax.Array:
     """The model's ``dot_general`` of W with ``x``, with W never formed."""
-    for term in self.terms:
-      term.check_dot(ctx, self.path, self.shape, dot)
+    for k, term in enumerate(self.terms):
+      try:
+        term.check_dot(ctx, self.path, self.shape, dot)
+      except factors.LayoutMismatchError as e:
+        given = self.origin[1][k] if self.origin is not None else None
+        if given is None:
+          raise
+        raise e.restated(self.origin[0], given) from None
 
     def compute(value, x):
       y = value._dot_flat(ctx, x, dot) if not dot.w_batch else value._dot_labelled(ctx, x, dot)

@@ -101,6 +101,12 @@ def save_bank(path: str | os.PathLike, bank: Any, rules: RulesLike, *,
   Returns:
     name -> the ``adapter_config.json`` written.
 
+  Raises:
+    LoraPeftError: an adapter name that cannot be its subfolder's (not one
+      plain path component, hidden, or the name of one of the files of the
+      adapter ``default`` keeps in the folder itself), or ``path`` is
+      something jlora did not write.
+
   Example:
     >>> import jax, jax.numpy as jnp, jlora, tempfile
     >>> params = {"fc": {"kernel": jnp.ones((8, 4))}}
@@ -114,6 +120,8 @@ def save_bank(path: str | os.PathLike, bank: Any, rules: RulesLike, *,
     ('code', 'math')
   """
   adapters = bank_names(bank)
+  for name in adapters:
+    _check_folder_name(name)
   specs = dict(specs or {})
   unknown = sorted(set(specs) - set(adapters))
   if unknown:
@@ -128,12 +136,28 @@ def save_bank(path: str | os.PathLike, bank: Any, rules: RulesLike, *,
                            layouts=layouts, **options)
     folder.mkdir(exist_ok=True)
 
-  for name in adapters:
-    if name != DEFAULT and (os.sep in name or name.startswith(".") or not name):
-      raise LoraPeftError(f"adapter name {name!r} cannot be a folder name")
   _atomic.replace(path, write, overwrite=overwrite, owned=is_owned,
                   what="multi-adapter PEFT folder", error=LoraPeftError)
   return configs
+
+
+def _check_folder_name(name: str) -> None:
+  """Raises LoraPeftError unless adapter ``name`` can be its own subfolder:
+  one plain path component, not hidden, and not a file name of the adapter
+  that ``default`` keeps in the folder itself."""
+  if name == DEFAULT:
+    return
+  seps = {"/", os.sep, os.altsep} - {None}
+  if not name or name in (".", "..") or any(sep in name for sep in seps) or "\0" in name:
+    why = "it must be one plain path component (no separator, not '.' or '..', not empty)"
+  elif name.startswith("."):
+    why = "a hidden name is where the folder's writes are staged"
+  elif name in (names.CONFIG_NAME, names.WEIGHTS_NAME, names.PICKLE_NAME):
+    why = (f"it is the name of a file of the folder's own adapter (PEFT's {DEFAULT!r}, "
+           f"kept in the folder itself); rename the adapter")
+  else:
+    return
+  raise LoraPeftError(f"save_bank: adapter name {name!r} cannot be a subfolder's name: {why}")
 
 
 def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,

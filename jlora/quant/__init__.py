@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jlora._paths import flatten_with_paths, register_weight_node
 from jlora.errors import LoraLayoutError, LoraSpecError
 from jlora.layout import Layout
-from jlora.quant.nf4 import NF4Array, quantize_array, quantized_nbytes
+from jlora.quant.nf4 import NF4Array, check_block_size, quantize_array, quantized_nbytes
 from jlora.spec import PathSelector, _compile_selector, _freeze_selector
 
 register_weight_node(NF4Array)
@@ -75,7 +75,8 @@ def quantize(params: Any, targets: PathSelector | None = None, *, block_size: in
       another rank without one is refused, naming its path.
 
   Raises:
-    LoraSpecError: targets match nothing, or match a non-float leaf.
+    LoraSpecError: targets match nothing, or match a non-float leaf; a
+      block_size that is not an int of bitsandbytes' sizes.
     LoraLayoutError: a selected weight's layout cannot be known.
 
   Example:
@@ -84,6 +85,7 @@ def quantize(params: Any, targets: PathSelector | None = None, *, block_size: in
     >>> type(q["dense"]["kernel"]).__name__, q["dense"]["bias"].shape
     ('NF4Array', (64,))
   """
+  block_size = check_block_size(block_size)
   pairs, treedef = flatten_with_paths(params)
   if targets is None:
     select = default_target

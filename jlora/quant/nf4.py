@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from typing import Any
 
 import jax
@@ -70,6 +71,17 @@ _NF4_ZERO = 7   # the code of 0.0 (padding, and blocks whose absmax is 0)
 NESTED_BLOCK_SIZE = 256
 #: Block sizes bitsandbytes accepts for 4-bit quantization.
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_block_size(block_size: Any, where: str = "block_size") -> int:
+  """``block_size`` as an int, or LoraSpecError unless it is an integer (not
+  a bool, not a float such as 64.0) in ``BLOCK_SIZES``."""
+  if (isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer))
+      or int(block_size) not in BLOCK_SIZES):
+    raise LoraSpecError(f"{where} must be an int, one of {BLOCK_SIZES} (as bitsandbytes), "
+                        f"got {block_size!r}")
+  return int(block_size)
+
 
 def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
   """A float32 linspace evaluated as PyTorch's CPU kernel does: each point
@@ -347,6 +359,13 @@ class NF4Array:
       order of a slice is ``(*out_axes, *in_axes)``, row-major.
     block_size: values per absmax block.
 
+  Raises:
+    LoraSpecError: where it is built (by the constructor, ``dataclasses.replace``
+      or JAX rebuilding the pytree), when the arrays do not fit ``shape``,
+      ``layout`` and ``block_size`` (lengths, stack axes, dtypes, both or
+      neither of ``nested_absmax`` and ``offset``), or a static field is not
+      valid.
+
   Example:
     >>> import jax.numpy as jnp, jlora
     >>> q = jlora.quantize({"kernel": jnp.ones((128, 64))})["kernel"]
@@ -362,6 +381,9 @@ class NF4Array:
   dtype: Any = _static()
   layout: Layout = _static()
   block_size: int = _static(default=64)
+
+  def __post_init__(self):
+    _validate(self)
 
   @property
   def ndim(self) -> int:
@@ -416,6 +438,82 @@ class NF4Array:
             f"{dq}block_size={self.block_size}, layout={self.layout})")
 
 
+def _array_like(x: Any) -> bool:
+  return isinstance(getattr(x, "shape", None), tuple) and getattr(x, "dtype", None) is not None
+
+
+def _validate(q: NF4Array) -> None:
+  """Normalizes the static fields of ``q`` and raises LoraSpecError unless its
+  arrays are those of a weight of ``q.shape`` quantized with ``q.block_size``.
+
+  JAX rebuilds an ``NF4Array`` from whatever its leaves are mapped to: tracers
+  (whose leading axes a ``vmap`` or a ``scan`` has taken away), shardings,
+  ``None`` or ``object()`` sentinels (``vmap``'s axis trees), float0
+  tangents. The arrays are checked only when both packed arrays are arrays
+  with a shape; the leading (stack) axes only when none is a tracer.
+  """
+  where = f"NF4Array of shape {getattr(q, 'shape', None)!r}"
+  set_ = functools.partial(object.__setattr__, q)
+  try:
+    shape = tuple(operator.index(d) for d in q.shape)
+    if any(d < 0 for d in shape):
+      raise TypeError
+  except TypeError:
+    raise LoraSpecError(f"{where}: shape must be a tuple of non-negative ints") from None
+  set_("shape", shape)
+  where = f"NF4Array of shape {shape}"
+  set_("block_size", check_block_size(q.block_size, f"{where}: block_size"))
+  try:
+    dtype = jnp.dtype(q.dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise LoraSpecError(f"{where}: dtype must be the floating-point dtype of the weight, "
+                        f"got {q.dtype!r}")
+  set_("dtype", dtype)
+  lay = q.layout
+  if not isinstance(lay, Layout):
+    raise LoraSpecError(f"{where}: layout must be a jlora.Layout, got {lay!r}")
+  if sorted(lay.in_axes + lay.out_axes + lay.stack_axes) != list(range(len(shape))):
+    raise LoraSpecError(f"{where}: layout {lay} does not partition the weight's "
+                        f"{len(shape)} axes")
+
+  arrays = {name: getattr(q, name) for name in PARTS}
+  if not (_array_like(q.codes) and _array_like(q.absmax)) or not all(
+      x is None or _array_like(x) for x in arrays.values()):
+    return   # a tree of shardings, axes or sentinels: nothing to check
+  if any(x is not None and jnp.dtype(x.dtype) == jax.dtypes.float0 for x in arrays.values()):
+    return   # tangents of the packed arrays
+  dq = q.nested_absmax is not None
+  if dq != (q.offset is not None):
+    have, lacks = ("nested_absmax", "offset") if dq else ("offset", "nested_absmax")
+    raise LoraSpecError(f"{where}: has {have} but not {lacks}; double quantization needs "
+                        f"both, plain NF4 neither")
+  want = part_specs(shape, q.layout, q.block_size, dq)
+  traced = any(_compat.is_tracer(x) for x in arrays.values())
+  for name, (spec_shape, spec_dtype) in want.items():
+    x = arrays[name]
+    got_shape, got_dtype = tuple(x.shape), jnp.dtype(x.dtype).name
+    # A tracer may lack the stack axes a vmap or a scan took away, or carry
+    # the axes they stack outputs on; its last axis (per slice) must agree.
+    fits = (name == "offset" or got_shape[-1:] == spec_shape[-1:]) if traced else (
+        got_shape == spec_shape)
+    if not fits or got_dtype != spec_dtype:
+      raise LoraSpecError(
+          f"{where}: {name} is shape {got_shape} dtype {got_dtype}, expected shape "
+          f"{spec_shape} dtype {spec_dtype} ({_PART_MEANING[name]}, for "
+          f"{'double-quantized' if dq else 'plain'} NF4 with block_size {q.block_size} and "
+          f"layout {q.layout})")
+
+
+_PART_MEANING = {
+    "codes": "two 4-bit codes per byte of each slice's values",
+    "absmax": "one entry per block: uint8 codes with double quantization, float32 without",
+    "nested_absmax": "one float32 scale per 256 absmax codes",
+    "offset": "one float32 mean per slice",
+}
+
+
 def quantized_nbytes(shape, layout: Layout, block_size: int = 64,
                      double_quant: bool = True) -> int:
   """Bytes of the NF4Array that ``quantize`` makes of a weight of ``shape``."""
@@ -446,9 +544,7 @@ def _quantize_all(w, *, perm, n_stack, block_size, double_quant):
 def quantize_array(w: Any, layout: Layout, *, block_size: int = 64,
                    double_quant: bool = True, path: str = "weight") -> NF4Array:
   """One weight (array or ``jax.ShapeDtypeStruct``) as an ``NF4Array``."""
-  if block_size not in BLOCK_SIZES:
-    raise LoraSpecError(f"block_size must be one of {BLOCK_SIZES} (as bitsandbytes), "
-                        f"got {block_size!r}")
+  block_size = check_block_size(block_size)
   shape, dtype = tuple(w.shape), jnp.dtype(w.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise LoraSpecError(f"'{path}': only floating-point weights can be quantized (got {dtype})")
@@ -515,9 +611,9 @@ def from_file(parts: dict[str, Any], shape, dtype: str, meta: Any, where: str,
     if not isinstance(meta, dict) or meta.get("quant") != "nf4":
       raise ValueError(f"quantization {meta.get('quant') if isinstance(meta, dict) else meta!r}"
                        f" is not 'nf4'")
-    block_size, dq = meta["block_size"], meta["double_quant"]
-    if block_size not in BLOCK_SIZES or not isinstance(dq, bool):
-      raise ValueError(f"block size {block_size!r} / double_quant {dq!r}")
+    block_size, dq = check_block_size(meta["block_size"]), meta["double_quant"]
+    if not isinstance(dq, bool):
+      raise ValueError(f"double_quant {dq!r} is not a bool")
     layout = layout_of(meta)
     shape = tuple(int(d) for d in shape)
     layout.check(shape, where)
