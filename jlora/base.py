@@ -47,7 +47,7 @@ from jlora.errors import LoraError, LoraFileError
 from jlora._paths import flatten_with_paths
 from jlora._param_table import summarize
 from jlora.orbax import manifest
-from jlora.quant import nf4
+from jlora.quant import nf4, nf4_files
 from jlora.quant.nf4 import NF4Array
 
 __all__ = ["describe", "is_base", "is_owned", "load", "read", "save"]
@@ -137,7 +137,7 @@ def _describe_leaf(x: Any) -> str:
 def _params_rows(pairs: Sequence[tuple[str, Any]]) -> list[list[Any]]:
   """[path, shape, dtype] per leaf, and the NF4 metadata of a quantized one."""
   return [[p, [int(d) for d in leaf.shape], jnp.dtype(leaf.dtype).name]
-          + ([nf4.file_metadata(leaf)] if isinstance(leaf, NF4Array) else [])
+          + ([nf4_files.file_metadata(leaf)] if isinstance(leaf, NF4Array) else [])
           for p, leaf in pairs]
 
 
@@ -289,7 +289,7 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       keys = list(f.keys())
       metadata = f.metadata() or {}
       if metadata.get(_ST_FORMAT) != _PARAMS_FORMAT:
-        state = next((k for k in keys if nf4.is_quant_state_key(k)), None)
+        state = next((k for k in keys if nf4_files.is_quant_state_key(k)), None)
         if state is not None:
           raise LoraFileError(
               f"'{path}' is a bitsandbytes 4-bit checkpoint (it has '{state}'), keyed by "
@@ -330,7 +330,7 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       if p not in order:
         raise ValueError(p)
       expected += [f"{p}{_NF4_KEY}{name}" for name in nf4.part_specs(
-          info["shape"], nf4.layout_of(info), info["block_size"], info["double_quant"])]
+          info["shape"], nf4_files.layout_of(info), info["block_size"], info["double_quant"])]
   except LoraFileError:
     raise
   except (ValueError, RecursionError, TypeError, KeyError, AttributeError, LoraError):
@@ -348,7 +348,7 @@ def _read_safetensors_params(path: pathlib.Path, what: str) -> collections.Order
       info = quantized[p]
       parts = {k[len(p) + len(_NF4_KEY):]: x for k, x in tensors.items()
                if k.startswith(p + _NF4_KEY)}
-      out[p] = nf4.from_file(parts, info["shape"], info["dtype"], info, f"'{path}': '{p}'",
+      out[p] = nf4_files.from_file(parts, info["shape"], info["dtype"], info, f"'{path}': '{p}'",
                              error=LoraFileError)
     else:
       out[p] = tensors[p]
@@ -387,7 +387,7 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
         if quant is None:
           abstract[p] = _abstract(shape, dtype)
           continue
-        specs = nf4.part_specs(shape, nf4.layout_of(quant), quant["block_size"],
+        specs = nf4.part_specs(shape, nf4_files.layout_of(quant), quant["block_size"],
                                quant["double_quant"])
         abstract.update({f"{p}/{name}": _abstract(s, d) for name, (s, d) in specs.items()})
       target = _nest(abstract)
@@ -403,7 +403,7 @@ def _read_orbax_params(path: pathlib.Path) -> collections.OrderedDict:
   for p, shape, dtype, quant in rows:
     if quant is not None:
       parts = {k[len(p) + 1:]: x for k, x in flat.items() if k.startswith(p + "/")}
-      out[p] = nf4.from_file(parts, shape, dtype, quant, f"'{path}': '{p}'",
+      out[p] = nf4_files.from_file(parts, shape, dtype, quant, f"'{path}': '{p}'",
                              error=LoraFileError)
       continue
     leaf = flat.get(p)
@@ -466,7 +466,7 @@ def load(path: PathLike, like: Any = None) -> Any:
       raise LoraFileError(f"'{path}': '{p}' is {_describe_leaf(got)}, expected "
                           f"{_describe_leaf(leaf)}")
     if isinstance(leaf, NF4Array) and (
-        not isinstance(got, NF4Array) or nf4.file_metadata(got) != nf4.file_metadata(leaf)):
+        not isinstance(got, NF4Array) or nf4_files.file_metadata(got) != nf4_files.file_metadata(leaf)):
       raise LoraFileError(f"'{path}': '{p}' is {_describe_leaf(got)}, expected "
                           f"{_describe_leaf(leaf)}")
     leaves.append(got)
@@ -538,7 +538,7 @@ def describe(path: PathLike) -> dict[str, Any]:
                            ("safetensors file" if pathlib.Path(path).is_file()
                             else "orbax checkpoint")}
   info.update(summarize([(p, x.shape, x.dtype, _nbytes(x),
-                          nf4.file_metadata(x) if isinstance(x, NF4Array) else None)
+                          nf4_files.file_metadata(x) if isinstance(x, NF4Array) else None)
                          for p, x in flat.items()]))
   return info
 

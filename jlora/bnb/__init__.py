@@ -67,6 +67,6 @@ from jlora.bnb.describe import describe, is_checkpoint
 from jlora.bnb.files import is_owned
 from jlora.bnb.load import load
 from jlora.bnb.save import save
-from jlora.quant.nf4 import is_quant_state_key
+from jlora.quant.nf4_files import is_quant_state_key
 
 __all__ = ["describe", "is_checkpoint", "is_owned", "is_quant_state_key", "load", "save"]

@@ -19,7 +19,7 @@ from jlora.bnb import quant_state
 from jlora.bnb.files import INDEX_NAME, WEIGHTS_NAME, Files, PathLike
 from jlora.errors import LoraFileError
 from jlora.quant import nf4
-from jlora.quant.nf4 import is_quant_state_key
+from jlora.quant.nf4_files import is_quant_state_key
 
 
 def is_checkpoint(path: PathLike) -> bool:

@@ -23,7 +23,7 @@ from jlora.errors import LoraFileError
 from jlora.layout import Layout
 from jlora.peft import names
 from jlora.peft.rules import Rules, RulesLike, as_rules
-from jlora.quant import nf4
+from jlora.quant import nf4_files
 from jlora.quant.nf4 import NF4Array
 
 
@@ -148,7 +148,7 @@ def _load_quantized(files, states: list[State], p, shape, n, lead, name: Name, e
   parts = [quant_state.arrays(files, s) for s in states]
   stacked = {k: (np.stack([x[k] for x in parts]).reshape(lead + parts[0][k].shape) if n
                  else parts[0][k]) for k in parts[0]}
-  return nf4.from_file({k: jnp.asarray(v) for k, v in stacked.items()}, shape, first.dtype,
+  return nf4_files.from_file({k: jnp.asarray(v) for k, v in stacked.items()}, shape, first.dtype,
                        {"quant": "nf4", "block_size": first.block_size,
                         "double_quant": first.double_quant,
                         "layout": {"in_axes": layout.in_axes, "out_axes": layout.out_axes,

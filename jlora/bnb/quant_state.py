@@ -22,11 +22,11 @@ import numpy as np
 
 from jlora.bnb.files import Files, one_line
 from jlora.errors import LoraFileError
-from jlora.quant import nf4
+from jlora.quant import nf4, nf4_files
 from jlora.quant.nf4 import NF4Array
 
 # The quant state's key is the weight's key, this, and the quant type ("nf4").
-STATE = nf4.BNB_STATE
+STATE = nf4_files.BNB_STATE
 # The entries beside a quantized weight, by its key's suffix.
 PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # Entries of bitsandbytes' 8-bit (LLM.int8) weights.
