@@ -61,6 +61,7 @@ def adapter_folders(path: str | os.PathLike) -> dict[str, pathlib.Path]:
     {}
   """
   root = pathlib.Path(path)
+  _atomic.check_readable(root, LoraPeftError)
   out = {}
   if (root / names.CONFIG_NAME).is_file():
     out[DEFAULT] = root

@@ -25,6 +25,7 @@ from jlora.peft import mark, names
 def read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The folder's checked ``adapter_config.json`` and its tensors by key."""
   path = os.fspath(_atomic.resolve(path))
+  _atomic.check_readable(path, LoraPeftError)
   if not os.path.isdir(path):
     raise LoraPeftError(f"'{path}' is not a folder (expected a PEFT adapter folder with "
                         f"{names.CONFIG_NAME} and {names.WEIGHTS_NAME})")
