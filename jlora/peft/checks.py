@@ -44,7 +44,7 @@ def fan_in_fan_out(found, config, rules: Rules, cfg_file: str) -> None:
       f"Conv1D does), but the rules say {said} ({shown}; Rules.fan_in_fan_out="
       f"{rules.fan_in_fan_out!r}): the weights trained in full would be read transposed; pass "
       f"rules that agree with the folder (Rules.gpt2() for GPT-2's Conv1D modules, or "
-      f"Rules.generic(fan_in_fan_out=...))")
+      f"Rules.generic(fan_in_fan_out=...)), or correct the folder's flag if it is wrong")
 
 
 def targets_covered(index: match.Index, found, config, weights: str) -> None:
