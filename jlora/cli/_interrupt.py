@@ -26,21 +26,25 @@ def delivered() -> Iterator[Callable[[], None]]:
   """Within the block, the first SIGINT raises ``KeyboardInterrupt`` until the
   function the block is given is called (where it is caught) or the block
   ends; later ones are ignored. Does nothing where SIGINT is not Python's
-  default handler (ignored, or the caller's own) or off the main thread.
+  default handler (ignored, or the caller's own), where SIGALRM or the real
+  timer is someone else's (a test runner's timeout), or off the main thread.
 
   Example:
     >>> with delivered() as caught:
     ...   caught()
   """
-  state = {"seen": False, "left": False}
+  state = {"seen": False, "left": False, "armed": False}
 
   def caught() -> None:
     state["left"] = True
-    if threading.current_thread() is threading.main_thread():
+    if state["armed"]:
+      state["armed"] = False
       signal.setitimer(signal.ITIMER_REAL, 0)
 
   if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+      or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)
+      or signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0)):
     yield caught
     return
   old_hook = sys.unraisablehook
@@ -52,11 +56,13 @@ def delivered() -> Iterator[Callable[[], None]]:
     raise KeyboardInterrupt
 
   def again(signum, frame):
+    state["armed"] = False
     if state["seen"] and not state["left"]:
       raise KeyboardInterrupt
 
   def unraisable(u) -> None:
     if isinstance(u.exc_value, KeyboardInterrupt) and state["seen"] and not state["left"]:
+      state["armed"] = True
       signal.setitimer(signal.ITIMER_REAL, _RETRY_S)   # raise it again, outside the callback
       return
     old_hook(u)
