@@ -212,6 +212,21 @@ def os_error(e: OSError, path: PathLike, action: str) -> str:
   return f"cannot {action} '{path}': {reason}{where}"
 
 
+def check_readable(path: PathLike, error: type[LoraFileError]) -> None:
+  """Raises ``error`` naming ``path`` where this process may not reach it or,
+  for a directory, list and enter it: one line in place of a PermissionError
+  from deep inside a reader, or a misleading "has no ..." from a check that
+  could not see in. A missing ``path`` passes: the caller says so."""
+  try:
+    os.stat(path)
+  except PermissionError as e:
+    raise error(os_error(e, path, "read")) from None
+  except OSError:
+    return
+  if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+    raise error(f"cannot read '{path}': permission denied")
+
+
 def replace(path: PathLike, write: Callable[[pathlib.Path], None], *, overwrite: bool,
             owned: Callable[[pathlib.Path], bool] | None = None, what: str = "file",
             error: type[LoraFileError] = LoraFileError) -> pathlib.Path:

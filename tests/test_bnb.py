@@ -349,6 +349,17 @@ REFUSALS = {
     "stack mixes": (lambda t: t.update({"layers.1.up.weight": torch.ones(24, 16)}) or [
         t.pop(k) for k in list(t) if k.startswith("layers.1.up.weight.")],
         "'layers.1.up.weight' is dense, unlike 'layers.0.up.weight'"),
+    # No checksum in a bitsandbytes file; what can be checked is (issue 17 item 5).
+    "nested offset edited": (_set_state("wide.weight", nested_offset=0.0),
+                             "'wide.weight.absmax' gives block", "nested_offset 0 is added back"),
+    "negative nested offset": (_set_state("fc.weight", nested_offset=-0.5),
+                               "'fc.weight.absmax' gives block", "nested_offset -0.5"),
+    "negative absmax": (lambda t: t["proj.weight.absmax"].__setitem__(3, -1.0),
+                        "'proj.weight.absmax' gives block 3 the absmax -1.0"),
+    "nan absmax": (lambda t: t["proj.weight.absmax"].__setitem__(5, float("nan")),
+                   "'proj.weight.absmax' gives block 5 the absmax nan"),
+    "inf nested absmax": (lambda t: t["wide.weight.nested_absmax"].__setitem__(1, float("inf")),
+                          "'wide.weight.nested_absmax' gives nested block 1 the absmax inf"),
 }
 
 
@@ -362,6 +373,21 @@ def test_what_cannot_be_read_faithfully_is_refused_naming_the_entry(synth, tmp_p
   assert len(message.splitlines()) == 1, message
   for frag in fragments:
     assert frag in message, message
+
+
+@pytest.mark.parametrize("dq", [True, False])
+def test_zero_and_tiny_blocks_pass_the_absmax_checks(tmp_path, dq):
+  """A block of zeros has absmax 0, which double quantization may round below
+  0: the absmax checks allow that rounding (and nothing more)."""
+  w = np.random.default_rng(1).standard_t(3, (64, 256)).astype(np.float32)
+  w[:20] = 0
+  w[30:40] *= 1e-4
+  tensors = _bnb_entries("fc.weight", w, 64, dq)
+  torch_save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  q = jlora.bnb.load(tmp_path / "model.safetensors",
+                     {"fc": {"kernel": jax.ShapeDtypeStruct((256, 64), jnp.float32)}},
+                     jlora.peft.Rules.generic())["fc"]["kernel"]
+  assert np.all(np.asarray(q.dequantize())[:, :20] == 0)
 
 
 def test_codes_stored_in_another_dtype_are_the_same_bytes(synth, tmp_path):

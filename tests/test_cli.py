@@ -563,3 +563,79 @@ def test_console_script(setup, tmp_path):
                         capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 1 and proc.stdout == ""
   assert proc.stderr.strip().splitlines() == [f"jlora: error: '{tmp_path / 'nope'}' does not exist"]
+
+
+# -- Ctrl-C -------------------------------------------------------------------------
+
+# `python -m jlora` with one change: a real SIGINT that lands in a garbage
+# collector callback (as it can in JAX's), where Python drops the
+# KeyboardInterrupt with "Exception ignored" and runs on.
+_IN_GC_CALLBACK = """
+import gc, os, signal, sys
+from jlora import cli
+from jlora.cli import merge
+merge_trees = merge._merge_trees
+def interrupted_in_gc(*args):
+  def callback(phase, info):
+    gc.callbacks.remove(callback)
+    os.kill(os.getpid(), signal.SIGINT)   # the handler runs here, inside the callback
+    sum(range(10))
+  gc.callbacks.append(callback)
+  gc.collect()
+  return merge_trees(*args)
+merge._merge_trees = interrupted_in_gc
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+  """A base and an adapter that take `jlora merge` seconds (48 kernels, 24 MiB)."""
+  tmp = tmp_path_factory.mktemp("big")
+  rng = np.random.default_rng(0)
+  params = {f"l{i}": {"kernel": rng.standard_normal((512, 256), np.float32)} for i in range(48)}
+  spec = jlora.LoraSpec(rank=4, targets=r"l\d+/kernel")
+  _, trainable = jlora.lora_transform(jax.eval_shape(lambda: params), spec)
+  trainable = jax.tree.map(lambda x: np.asarray(0.1 * rng.standard_normal(x.shape), x.dtype),
+                           trainable)
+  return (jlora.base.save(tmp / "base.safetensors", params),
+          jlora.orbax.save(tmp / "adapter", trainable, spec, base=params))
+
+
+def _merge_process(big, out, *python_args):
+  import signal
+  base, adapter = big
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(pathlib.Path(jlora.__file__).parents[1]), *os.environ.get("PYTHONPATH", "").split(
+          os.pathsep)])}
+  return subprocess.Popen(
+      [sys.executable, *python_args, "merge", "--base", str(base), "--adapter", str(adapter),
+       "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _assert_interrupted(proc, out):
+  stdout, stderr = proc.communicate(timeout=300)
+  assert (proc.returncode, stdout, stderr) == (130, "", "jlora: error: interrupted\n")
+  assert sorted(p.name for p in out.parent.iterdir()) == []    # nothing left behind
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "orbax"])
+def test_ctrl_c_mid_write_exits_130_with_one_line_and_leaves_nothing(big, tmp_path, fmt):
+  import signal
+  import time
+  out = tmp_path / "out" / ("merged.safetensors" if fmt == "safetensors" else "merged")
+  out.parent.mkdir()
+  proc = _merge_process(big, out, "-m", "jlora")
+  deadline = time.monotonic() + 240
+  while not any(out.parent.iterdir()):     # the merged model is being staged
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    time.sleep(0.001)
+  proc.send_signal(signal.SIGINT)
+  _assert_interrupted(proc, out)
+
+
+def test_ctrl_c_caught_by_a_gc_callback_still_interrupts(big, tmp_path):
+  out = tmp_path / "out" / "merged.safetensors"
+  out.parent.mkdir()
+  _assert_interrupted(_merge_process(big, out, "-c", _IN_GC_CALLBACK), out)

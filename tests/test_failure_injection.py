@@ -451,3 +451,54 @@ def test_permission_denied_gives_one_line_and_leaves_nothing(open_tmp):
     assert "permission denied" in message and str(locked / name) in message, line
   assert list(locked.iterdir()) == []
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+_DENIED_READ = """
+import os, sys
+import jax, jlora, orbax.checkpoint, safetensors.numpy
+import fi_worker as fw
+frozen, trainable, _ = fw.adapter(1)
+root = sys.argv[1]
+rules = jlora.peft.Rules()
+readers = [("orbax", lambda p: jlora.orbax.load(p, base=frozen)),
+           ("peft", lambda p: jlora.peft.load(p, frozen, rules)),
+           ("peft_bank", lambda p: jlora.peft.load_bank(p, frozen, rules))]
+jlora.orbax.save(os.path.join(root, "orbax"), trainable, fw.SPEC, base=frozen)
+jlora.peft.save(os.path.join(root, "peft"), trainable, rules, spec=fw.SPEC)
+factors = jax.tree.map(lambda x: x if isinstance(x, jlora.LoraParam) else None, trainable,
+                       is_leaf=lambda x: isinstance(x, jlora.LoraParam))
+jlora.peft.save_bank(os.path.join(root, "peft_bank"), jlora.stack_adapters(
+    {"a": factors, "b": factors}), rules)
+for name, read in readers:   # as root first: every lazy import happens now
+  read(os.path.join(root, name))
+for name, _ in readers:      # then none but root may list or enter them
+  os.chmod(os.path.join(root, name), 0o700)
+if os.geteuid() == 0:        # root is never denied: drop to nobody
+  os.setgid(65534)
+  os.setuid(65534)
+for name, read in readers:
+  try:
+    read(os.path.join(root, name))
+    print(name, "READ")
+  except jlora.LoraError as e:
+    print(name, "|", e)
+"""
+
+
+def test_an_adapter_in_a_directory_one_cannot_read_gives_one_line(open_tmp):
+  """Loading from a directory the user may not read (orbax, PEFT, a PEFT bank):
+  one line naming the directory, not a raw PermissionError or a wrong 'has no
+  adapter_config.json'."""
+  if os.geteuid() != 0:
+    pytest.skip("needs root, to write as root and read as nobody")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+      [str(WORKER.parent), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
+  proc = subprocess.run([sys.executable, "-c", _DENIED_READ, str(open_tmp)], capture_output=True,
+                        text=True, env=env, timeout=300)
+  lines = proc.stdout.strip().splitlines()
+  log("\n== permission denied, reading\n  " + "\n  ".join(lines))
+  assert len(lines) == 3 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  for line in lines:
+    name, _, message = line.partition(" | ")
+    assert message == f"cannot read '{open_tmp / name}': permission denied", line
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

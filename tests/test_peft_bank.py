@@ -122,3 +122,33 @@ def test_save_bank_refuses_adapter_names_that_cannot_be_subfolders(tmp_path, nam
                        jlora.peft.Rules())
   assert jlora.peft.load_bank(tmp_path / "b", params, jlora.peft.Rules()).names == (
       "default", "x")
+
+
+def test_adapters_that_differ_only_in_dropout_load_with_one_rate_on_request(tmp_path):
+  """PyTorch PEFT serves adapters with different lora_dropout in one mixed batch
+  (dropout is off at inference). A bank has one rate: load_bank says so and
+  names the option; with dropout= it loads and serves PEFT's logits."""
+  m, tm, fm, params = _models("llama")
+  pm = peft.get_peft_model(copy.deepcopy(tm), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
+      adapter_name="math")
+  pm.add_adapter("code", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                         lora_dropout=0.05))
+  _randomize(pm, 6)
+  pm.save_pretrained(tmp_path / "peft")
+  rules = m["rules"]()
+  with pytest.raises(jlora.LoraPeftError,
+                     match=r"adapters 'code' and 'math' differ in lora_dropout \(0.05 and 0.1\).*"
+                           r"dropout=") as info:
+    jlora.peft.load_bank(tmp_path / "peft", params, rules)
+  assert "\n" not in str(info.value)
+  with pytest.raises(jlora.LoraSpecError, match=r"dropout must be a rate in \[0, 1\), got 1.5"):
+    jlora.peft.load_bank(tmp_path / "peft", params, rules, dropout=1.5)
+  loaded = jlora.peft.load_bank(tmp_path / "peft", params, rules, dropout=0.0)
+  assert {lp.dropout for lp in jax.tree.leaves(
+      loaded.bank, is_leaf=lambda x: isinstance(x, jlora.LoraBank))
+      if isinstance(lp, jlora.LoraBank)} == {0.0}
+  assert (loaded.specs["math"].dropout, loaded.specs["code"].dropout) == (0.1, 0.05)
+  ids = _ids()
+  got = _jlora_mixed_logits(fm, loaded.frozen, loaded.bank, loaded.names, ids)
+  np.testing.assert_allclose(got, _peft_mixed_logits(pm.eval(), ids), atol=1e-4)

@@ -18,6 +18,7 @@ knows it. Skipped without torch, PEFT or a transformers that has Flax models.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import warnings
 
@@ -226,3 +227,34 @@ def test_gpt2_kernels_are_out_in_and_a_wrong_order_is_refused(tmp_path):
   ids = _ids()
   np.testing.assert_allclose(_flax_logits(fm, jlora.merge(ad.frozen, ad.trainable), ids),
                              _torch_logits(pm.eval(), ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("saved", ["h.0.attn.c_proj", "h.0.mlp.c_fc"])
+def test_rules_that_contradict_the_folders_fan_in_fan_out_are_refused(saved, tmp_path):
+  """A GPT-2 folder PEFT wrote says fan_in_fan_out=true (Conv1D weights stored
+  (in, out)); the generic rules say its modules are nn.Linear (out, in), which
+  would put the modules_to_save weight in transposed: silently on the square
+  attn.c_proj, a shape error on mlp.c_fc. Refused, naming both; Rules.gpt2()
+  (which agrees with the file) loads PEFT's logits."""
+  m, tm, fm, params = _models("gpt2")
+  pm = peft.get_peft_model(copy.deepcopy(tm), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=[saved],
+      fan_in_fan_out=True))
+  _randomize(pm, 4)
+  pm.save_pretrained(tmp_path)
+  layouts = jlora.infer_layouts(lambda p, x: fm(x, params=p).logits, params,
+                                jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(jlora.LoraPeftError,
+                     match=r"adapter_config.json': fan_in_fan_out=true .*\(in, out\).*"
+                           r"transformer.h.0.attn.c_attn.*Rules.fan_in_fan_out=False"):
+    jlora.peft.load(tmp_path, params, jlora.peft.Rules.generic(), layouts=layouts)
+  ad = jlora.peft.load(tmp_path, params, jlora.peft.Rules.gpt2(), layouts=layouts)
+  ids = _ids()
+  np.testing.assert_allclose(_flax_logits(fm, jlora.merge(ad.frozen, ad.trainable), ids),
+                             _torch_logits(pm.eval(), ids), atol=1e-4)
+  # The other way round: a file that says not every adapted module is stored
+  # (in, out), rules that say all are.
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+  with pytest.raises(jlora.LoraPeftError, match=r"fan_in_fan_out=false .*all of them are"):
+    jlora.peft.load(tmp_path, params, jlora.peft.Rules.gpt2(), layouts=layouts)

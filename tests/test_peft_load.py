@@ -61,6 +61,12 @@ BAD = {
     "wrong_fan_in": (dict(tensors=lambda sd: sd.__setitem__(K + ".lora_A.weight", np.zeros((4, 17), np.float32))),
                      rf"'{re.escape(K)}\.lora_A\.weight' \(4, 17\) .* do not fit "
                      r"'params/transformer/h/0/attn/c_attn/kernel'"),
+    "integer_lora_a": (dict(tensors=lambda sd: sd.__setitem__(
+        K + ".lora_A.weight", np.ones((4, 16), np.int32))),
+        rf"'{re.escape(K)}\.lora_A\.weight' has dtype int32; LoRA factors must be floating"),
+    "bool_lora_b": (dict(tensors=lambda sd: sd.__setitem__(
+        K + ".lora_B.weight", np.zeros((48, 4), bool))),
+        rf"'{re.escape(K)}\.lora_B\.weight' has dtype bool; LoRA factors must be floating"),
     "dora_tensor": (dict(tensors=lambda sd: sd.update({K + ".lora_magnitude_vector": np.ones(48, np.float32)})),
                     r"lora_magnitude_vector' is a DoRA magnitude, but .* use_dora=false"),
     "embedding_copy": (dict(tensors=lambda sd: sd.update({

@@ -101,6 +101,10 @@ class Files:
   def keys(self) -> list[str]:
     return list(self.file_of)
 
+  def checksummed(self, key: str) -> bool:
+    """Whether ``key`` is in a file jlora wrote, whose checksums ``get`` verifies."""
+    return self.marks[self.file_of[key]] is not None
+
   def info(self, key: str) -> tuple[tuple[int, ...], str]:
     """(shape, safetensors dtype name such as "U8", "F32") from the header."""
     s = self.handles[self.file_of[key]].get_slice(key)

@@ -8,7 +8,8 @@ all accounted for) and dense entries; ``arrays`` reads one weight's entries
 as the arrays of a ``jlora.NF4Array``, each checked against its state;
 ``state_json`` writes a state as bitsandbytes does. What jlora cannot read
 faithfully (FP4 or 8-bit weights, another quant map, unknown keys, shapes
-that do not fit) is refused with one line naming the entry.
+that do not fit, block absmaxes that cannot be a block's largest magnitude)
+is refused with one line naming the entry.
 """
 
 from __future__ import annotations
@@ -202,11 +203,62 @@ def arrays(files: Files, state: State) -> dict[str, np.ndarray]:
                           f"with")
   else:
     out["absmax"] = _checked(files, key + ".absmax", (nb,), "F32", state)
+  if not files.checksummed(key):   # jlora's own: verified, read back as it was written
+    _check_absmax(files, state, out)
   table = _checked(files, key + ".quant_map", (16,), "F32", state)
   if table.view(np.uint32).tolist() != nf4.NF4_CODE.view(np.uint32).tolist():
     raise LoraFileError(f"'{files.file_of[key]}': '{key}.quant_map' is not the NF4 code "
                         f"table, which jlora dequantizes with")
   return out
+
+
+# Half the widest gap of the dynamic 8-bit map: the most that double
+# quantization moves a block's absmax, in units of its nested absmax.
+_NESTED_ERROR = 0.5 * float(np.max(np.diff(nf4.DYNAMIC_CODE))) * 1.001
+
+
+def _check_absmax(files: Files, state: State, out: dict[str, np.ndarray]) -> None:
+  """Every block's absmax must be finite and not negative (a block's largest
+  magnitude); with double quantization, once the nested offset is added back,
+  allowing for the nested quantization's rounding. For files others wrote.
+
+  A bitsandbytes file carries no checksum, so an edit that keeps these true
+  (a larger ``nested_offset``, other codes) cannot be seen; this catches what
+  can be, in reductions over the (small) absmax arrays only: the dynamic map
+  is increasing, so each nested block's smallest code gives its smallest
+  absmax.
+  """
+  key = state.key
+  if not state.double_quant:
+    absmax = out["absmax"]
+    low, high = (absmax.min(), absmax.max()) if absmax.size else (0.0, 0.0)
+    if not (low >= 0 and high < np.inf):      # NaN fails both
+      bad = int(np.flatnonzero(~(np.isfinite(absmax) & (absmax >= 0)))[0])
+      raise LoraFileError(f"'{files.file_of[key + '.absmax']}': '{key}.absmax' gives block "
+                          f"{bad} the absmax {absmax[bad]}; a block's absmax is its largest "
+                          f"magnitude, finite and not negative: the file is damaged")
+    return
+  nested = out["nested_absmax"]
+  if nested.size and not (nested.min() >= 0 and nested.max() < np.inf):
+    bad = int(np.flatnonzero(~(np.isfinite(nested) & (nested >= 0)))[0])
+    raise LoraFileError(f"'{files.file_of[key + '.nested_absmax']}': '{key}.nested_absmax' "
+                        f"gives nested block {bad} the absmax {nested[bad]}; it must be finite "
+                        f"and not negative: the file is damaged")
+  codes = out["absmax"]
+  if not codes.size:
+    return
+  starts = np.arange(0, codes.size, nf4.NESTED_BLOCK_SIZE)
+  lowest = nf4.DYNAMIC_CODE[np.minimum.reduceat(codes, starts)] * nested + state.offset
+  short = lowest < -_NESTED_ERROR * nested
+  if np.any(short):
+    g = int(np.flatnonzero(short)[0])
+    group = codes[starts[g]:starts[g] + nf4.NESTED_BLOCK_SIZE]
+    block = int(starts[g] + np.argmin(group))
+    raise LoraFileError(
+        f"'{files.file_of[key + '.absmax']}': '{key}.absmax' gives block {block} the absmax "
+        f"{float(lowest[g]):.6g} once the quant state's nested_offset {state.offset:.6g} is "
+        f"added back; a block's absmax is its largest magnitude, not negative: the "
+        f"nested_offset does not fit the tensors (edited?)")
 
 
 def state_json(q: NF4Array, out_in: tuple[int, int], offset: float | None) -> bytes:

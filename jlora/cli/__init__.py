@@ -19,8 +19,9 @@ bitsandbytes 4-bit checkpoint (``jlora.bnb``).
 
 The package holds a module per command (``inspect``, ``merge``, ``convert``,
 ``quantize``: each adds its subparser with ``add_parser`` and runs with
-``run``), the options and loaders they share (``_options``) and the text
-``inspect`` prints (``_render``); this module assembles the parser and runs
+``run``), the options and loaders they share (``_options``), the text
+``inspect`` prints (``_render``) and the handling of Ctrl-C
+(``_interrupt``); this module assembles the parser and runs
 ``main``. The commands only parse arguments and render what the formats
 (``jlora.orbax``, ``jlora.peft``, ``jlora.base``, ``jlora.bnb``) describe.
 Only JSON, orbax and safetensors are read: nothing is unpickled and no code
@@ -36,7 +37,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from jlora.cli import convert, inspect, merge, quantize
+from jlora.cli import _interrupt, convert, inspect, merge, quantize
 from jlora.cli._render import _one_line
 from jlora.errors import LoraError
 
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug = bool(getattr(args, "debug", False))
   loggers = [logging.getLogger(name) for name in ("absl", "jax", "orbax")]
   levels = [lg.level for lg in loggers]
-  with warnings.catch_warnings():
+  with warnings.catch_warnings(), _interrupt.delivered() as interrupt_caught:
     if not debug:
       # Orbax and JAX log warnings (missing sharding info, CPU fallback) that
       # say nothing about the user's files.
@@ -113,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
       print(f"jlora: error: {_one_line(e)}", file=sys.stderr)
       return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # staged files are gone: every writer cleans up as it unwinds
+      interrupt_caught()
       print("jlora: error: interrupted", file=sys.stderr)
       return 130
     except Exception as e:  # a bug: one line, the traceback with --debug

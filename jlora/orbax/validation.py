@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
 
+from jlora import _atomic
 from jlora.errors import LoraCheckpointError
 from jlora.layout import Layout
 from jlora.orbax import encoding, names
@@ -47,6 +48,7 @@ def checkpointer_restore(path: pathlib.Path) -> RestoreFn:
 
 def check_dir(path: pathlib.Path, item: str, what: str) -> None:
   """Raises LoraCheckpointError unless ``path`` is a directory with ``item/``."""
+  _atomic.check_readable(path, LoraCheckpointError)
   if not path.exists():
     raise LoraCheckpointError(f"no {what} at '{path}': it does not exist")
   if not path.is_dir():

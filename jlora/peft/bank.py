@@ -12,14 +12,18 @@ adapter_name=name)`` and ``load_adapter``, and serves a mixed batch with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Mapping, NamedTuple
 
+import jax
+
 from jlora import _atomic
 from jlora.adapters.bank import bank_names, select_adapter, stack_adapters
-from jlora.errors import LoraPeftError
+from jlora.errors import LoraPeftError, LoraSpecError
 from jlora.layout import Layout
+from jlora.adapters.lora_param import LoraParam
 from jlora.peft import mark, names
 from jlora.peft.describe import describe
 from jlora.peft.export import save
@@ -57,6 +61,7 @@ def adapter_folders(path: str | os.PathLike) -> dict[str, pathlib.Path]:
     {}
   """
   root = pathlib.Path(path)
+  _atomic.check_readable(root, LoraPeftError)
   out = {}
   if (root / names.CONFIG_NAME).is_file():
     out[DEFAULT] = root
@@ -161,12 +166,19 @@ def _check_folder_name(name: str) -> None:
 
 
 def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
-              layouts: Mapping[str, Layout] | None = None, dtype: Any = None) -> Bank:
+              layouts: Mapping[str, Layout] | None = None, dtype: Any = None,
+              dropout: float | None = None) -> Bank:
   """Reads PEFT's multi-adapter folder into a bank for ``params``.
 
   Every adapter is read and checked as ``jlora.peft.load`` reads one; they
   are then stacked (ranks may differ; ``modules_to_save`` and DoRA adapters
   cannot be part of a bank and are refused).
+
+  A bank has one dropout rate. PyTorch PEFT keeps one per adapter, and
+  serves adapters with different ``lora_dropout`` in one batch, since
+  dropout is off at inference. Such a folder is refused unless ``dropout``
+  gives the bank its rate (``dropout=0.0`` to serve); ``specs`` keep each
+  adapter's own.
 
   Args:
     path: the folder (its subfolders, and itself if it holds an adapter).
@@ -174,13 +186,22 @@ def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
     rules: how parameter paths name PyTorch modules.
     layouts: as for ``jlora.peft.load``.
     dtype: as for ``jlora.peft.load``.
+    dropout: the bank's dropout rate, in place of the adapters' own
+      ``lora_dropout``; needed only where they differ.
 
   Returns:
     ``Bank(frozen, bank, names, specs, configs)``.
 
+  Raises:
+    LoraPeftError: an adapter cannot be loaded, or cannot be part of a bank.
+    LoraSpecError: ``dropout`` is not a rate in [0, 1).
+
   Example:
     See ``save_bank``.
   """
+  if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                              or not 0 <= dropout < 1):
+    raise LoraSpecError(f"load_bank: dropout must be a rate in [0, 1), got {dropout!r}")
   folders = adapter_folders(path)
   if not folders:
     raise LoraPeftError(f"'{path}' holds no PEFT adapter (no {names.CONFIG_NAME} in it or "
@@ -196,8 +217,23 @@ def load_bank(path: str | os.PathLike, params: Any, rules: RulesLike, *,
       raise LoraPeftError(f"'{folders[name]}': adapter {name!r} trains modules in full "
                           f"(modules_to_save {adapter.config['modules_to_save']!r}); a bank "
                           f"holds LoRA factors only")
+  rates = {name: float(a.spec.dropout) for name, a in loaded.items()}
+  if dropout is None and len(set(rates.values())) > 1:
+    n1, r1 = next(iter(rates.items()))
+    n2, r2 = next((n, r) for n, r in rates.items() if r != r1)
+    raise LoraPeftError(
+        f"'{path}': adapters {n1!r} and {n2!r} differ in lora_dropout ({r1} and {r2}), and "
+        f"a bank has one rate; dropout is off at inference (PyTorch PEFT serves them in "
+        f"one batch): pass load_bank(..., dropout=0.0) to serve them, or the rate to "
+        f"train them with")
+  trainables = {name: a.trainable for name, a in loaded.items()}
+  if dropout is not None:
+    trainables = {name: jax.tree.map(
+        lambda x: dataclasses.replace(x, dropout=float(dropout))
+        if isinstance(x, LoraParam) else x, t, is_leaf=lambda x: isinstance(x, LoraParam))
+        for name, t in trainables.items()}
   first = next(iter(loaded.values()))
-  bank = stack_adapters({name: a.trainable for name, a in loaded.items()})
+  bank = stack_adapters(trainables)
   return Bank(first.frozen, bank, tuple(loaded), {n: a.spec for n, a in loaded.items()},
               {n: a.config for n, a in loaded.items()})
 

@@ -1,6 +1,7 @@
-"""Checks of a PEFT folder beyond its matched modules: every module its config
-targets has factors in the file, and the copies of base weights PEFT saves
-beside an adapted embedding are the base's own.
+"""Checks of a PEFT folder beyond its matched modules: its ``fan_in_fan_out``
+agrees with the rules, every module its config targets has factors in the
+file, and the copies of base weights PEFT saves beside an adapted embedding
+are the base's own.
 """
 
 from __future__ import annotations
@@ -8,9 +9,42 @@ from __future__ import annotations
 import numpy as np
 
 from jlora.errors import LoraPeftError
-from jlora.peft import axes, match, names
+from jlora.peft import axes, kinds, match, names
 from jlora.peft import config as peft_config
 from jlora.peft.rules import Rules
+
+
+def fan_in_fan_out(found, config, rules: Rules, cfg_file: str) -> None:
+  """The folder's ``fan_in_fan_out`` must agree with which modules the rules
+  say PyTorch stores ``(in, out)`` (``Rules.fan_in_fan_out``), which decides
+  how the ``modules_to_save`` kernels and base copies are read.
+
+  PEFT writes one flag for the whole folder and sets it from each module it
+  wraps in turn (true for a Conv1D, false for an ``nn.Linear``), so with both
+  kinds adapted either value is possible. What the flag does tell: ``true``
+  means some adapted module is stored ``(in, out)``, ``false`` that not all
+  of them are. Rules that contradict that are refused.
+  """
+  modules = sorted(names.fill(e.template, idx) for e, by_idx in found.values()
+                   for idx, f in by_idx.items() if f.kind != kinds.PARAMETER)
+  if not modules or "fan_in_fan_out" not in config:
+    return
+  in_out = [m for m in modules if rules.is_in_out(m)]
+  stored = bool(config["fan_in_fan_out"])
+  if stored and not in_out:
+    said = "none of them is"
+  elif not stored and len(in_out) == len(modules):
+    said = "all of them are"
+  else:
+    return
+  shown = modules[:3] + (["..."] if len(modules) > 3 else [])
+  raise LoraPeftError(
+      f"'{cfg_file}': fan_in_fan_out={str(stored).lower()} says PyTorch stores "
+      f"{'some' if stored else 'not all'} of the adapted modules' weights (in, out) (as "
+      f"Conv1D does), but the rules say {said} ({shown}; Rules.fan_in_fan_out="
+      f"{rules.fan_in_fan_out!r}): the weights trained in full would be read transposed; pass "
+      f"rules that agree with the folder (Rules.gpt2() for GPT-2's Conv1D modules, or "
+      f"Rules.generic(fan_in_fan_out=...)), or correct the folder's flag if it is wrong")
 
 
 def targets_covered(index: match.Index, found, config, weights: str) -> None:

@@ -3,7 +3,8 @@
 Only JSON and safetensors are read (``safetensors.numpy``): no torch, no
 pickle, no code from the folder runs. ``read`` checks the config
 (``jlora.peft.config``) and a jlora folder's checksums (``jlora.peft.mark``);
-``parse_keys`` refuses every key that is not a tensor PEFT writes.
+``parse_keys`` refuses every key that is not a tensor PEFT writes, and
+factors that are not floating point.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import collections
 import os
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from jlora import _atomic
@@ -23,6 +25,7 @@ from jlora.peft import mark, names
 def read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The folder's checked ``adapter_config.json`` and its tensors by key."""
   path = os.fspath(_atomic.resolve(path))
+  _atomic.check_readable(path, LoraPeftError)
   if not os.path.isdir(path):
     raise LoraPeftError(f"'{path}' is not a folder (expected a PEFT adapter folder with "
                         f"{names.CONFIG_NAME} and {names.WEIGHTS_NAME})")
@@ -70,6 +73,11 @@ def parse_keys(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any], wei
         raise LoraPeftError(f"'{weights}': key '{key}' is a DoRA magnitude, but "
                             f"adapter_config.json has use_dora=false; the folder is "
                             f"inconsistent")
+      if not jnp.issubdtype(value.dtype, jnp.floating):
+        # An integer or bool factor would be cast to float and used as is:
+        # no PEFT writer stores one, so the file is damaged or not LoRA.
+        raise LoraPeftError(f"'{weights}': key '{key}' has dtype {value.dtype}; LoRA factors "
+                            f"must be floating point (float32, float16, bfloat16)")
       lora[module][part] = (key, value)
       continue
     if rest.endswith(names.BASE_LAYER + ".weight"):

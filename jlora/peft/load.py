@@ -8,8 +8,9 @@ value.
 ``load`` runs the steps, each in its own module: ``folder`` reads the folder
 and sorts its tensors by role, ``match`` finds the parameter each module
 adapts, ``assemble`` builds each weight's factors, their dtype and the
-``LoraSpec``, ``checks`` holds the file to what the config targets and to
-the base's weights, ``full_weights`` reads ``modules_to_save``.
+``LoraSpec``, ``checks`` holds the file to its own ``fan_in_fan_out``, to
+what the config targets and to the base's weights, ``full_weights`` reads
+``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
   index = match.Index(pairs, rules)
 
   found = match.lora_modules(lora, index, config, rules, weights)
+  checks.fan_in_fan_out(found, config, rules, os.path.join(directory, names.CONFIG_NAME))
   factors = {i: assemble.weight_factors(entry, by_idx, layouts, rules, weights)
              for i, (entry, by_idx) in found.items()}
   checks.targets_covered(index, found, config, weights)
