@@ -5,11 +5,15 @@ Two settings, made here before any test imports JAX, and inherited through the
 environment by pytest-xdist workers and by the subprocesses tests start (the
 failure-injection zygotes, the multi-process workers, the benchmark scripts):
 
-* ``--xla_backend_optimization_level=0``: XLA still runs all of its HLO passes
-  (fusion, layout, the dot rewrites that the HLO tests read), but LLVM compiles
-  the kernels without optimising them. The tests' models are tiny, so the
-  slower kernels cost far less than the optimisation did. Benchmarks and the
-  example keep XLA's defaults.
+* ``--xla_backend_optimization_level=0 --xla_cpu_use_xnnpack=false``: XLA
+  still runs its HLO passes (fusion, layout, the dot rewrites that the HLO
+  tests read), but LLVM compiles the kernels without optimising them, and dots
+  are not handed to XNNPACK, whose fusions take long to compile. The tests'
+  models are tiny, so the slower kernels cost far less than the compiling did
+  (a sample of small programs compiled in under half the time). The benchmark
+  scripts' quick runs in tests/test_benchmarks.py inherit these flags; the
+  example (run by .ci/run) and the documentation's code blocks
+  (tests/test_readme.py drops XLA_FLAGS) keep XLA's defaults, as a user has them.
 * JAX's persistent compilation cache in a directory of this run only: a
   program that several tests, workers or subprocesses compile is compiled once.
   It starts empty and is removed at the end, so no run sees another's results.
@@ -31,8 +35,11 @@ _OWN_CACHE_ENV = "JLORA_TEST_OWN_CACHE"
 def _configure_environment() -> None:
   if os.environ.get("JLORA_TEST_XLA_DEFAULTS") != "1":
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_backend_optimization_level" not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    for flag, value in (("xla_backend_optimization_level", "0"),
+                        ("xla_cpu_use_xnnpack", "false")):
+      if flag not in flags:
+        flags = f"{flags} --{flag}={value}"
+    os.environ["XLA_FLAGS"] = flags.strip()
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # The controller (or a run without xdist) makes the directory; workers,
     # started after this, inherit the variable and share it.
