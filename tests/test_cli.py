@@ -481,7 +481,7 @@ ERRORS = {
                                             "--layout 'params/layers/out/kernel=IN:OUT"]),
     "quantize: bad --block-size": (lambda s, b: ["quantize", s["base_st"], b["tmp"] / "q3",
                                                  "--block-size", "48", *STACK_LAYOUTS],
-                                   ["block_size must be one of"]),
+                                   ["block_size must be an int, one of"]),
     "quantize: --layout matches nothing": (lambda s, b: ["quantize", s["base_st"],
                                                          b["tmp"] / "q4", "--layout",
                                                          "params/x=0:1"],

@@ -56,7 +56,7 @@ def test_every_0_1_name_is_still_there_or_forwarded():
 
 def test_the_changelog_migration_table_lists_every_forward():
   changelog = pathlib.Path(__file__).resolve().parent.parent.joinpath("CHANGELOG.md").read_text()
-  table = changelog[changelog.index("### 0.1 → 0.2 migration"):]
+  table = changelog[changelog.index("### Migrating from 0.1 to 0.2"):]
   rows = [line for line in table.splitlines() if line.startswith("| `")]
   for module_name, name in OLD_NAMES:
     moved = (_deprecated.TOP_LEVEL if module_name == "jlora" else _deprecated.PEFT)[name]
