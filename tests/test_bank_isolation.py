@@ -22,9 +22,10 @@ from reference import JIT, maybe_jit, normal, perturb
 
 STRATEGIES = ["gather", "segment", "masked", "auto", "grouped"]   # grouped: ragged_dot forced
 POISONS = {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}
-# Row 1 runs the broken adapter; row 2 the base model. Without the broken
-# adapter, the same examples run the same healthy adapters (row 1: the base).
-IDS, CLEAN_IDS = [0, 1, -1, 2, 0], [0, -1, -1, 1, 0]
+# The broken adapter is adapter 0 (where -1 ids once looked, clipped). Row 1
+# runs it; row 2 the base model. Without the broken adapter, the same
+# examples run the same healthy adapters (row 1: the base).
+IDS, CLEAN_IDS = [1, 0, -1, 2, 1], [0, -1, -1, 1, 0]
 HEALTHY_ROWS = [0, 2, 3, 4]
 
 
@@ -63,9 +64,8 @@ def _poisoned(t, value):
 
 def _banks(poison):
   frozen, adapters, x = _setup()
-  full = jlora.stack_adapters({"good0": adapters["good0"],
-                               "bad": _poisoned(adapters["bad"], POISONS[poison]),
-                               "good1": adapters["good1"]})
+  full = jlora.stack_adapters({"bad": _poisoned(adapters["bad"], POISONS[poison]),
+                               "good0": adapters["good0"], "good1": adapters["good1"]})
   clean = jlora.stack_adapters({"good0": adapters["good0"], "good1": adapters["good1"]})
   return frozen, x, full, clean
 
@@ -122,7 +122,7 @@ def test_a_broken_adapter_changes_nothing_for_the_others(strategy, poison, jit):
 @pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
 def test_a_broken_adapter_no_example_uses_takes_no_step(strategy):
   frozen, x, full, clean = _banks("nan")
-  unused, clean_ids = [0, 2, -1, 2, 0], [0, 1, -1, 1, 0]
+  unused, clean_ids = [1, 2, -1, 2, 1], [0, 1, -1, 1, 0]
   step, tx = _step_fn(strategy, frozen, full)
   y, new = jax.jit(step)(full, tx.init(full), x, jnp.asarray(unused))
   step_c, tx_c = _step_fn(strategy, frozen, clean)
