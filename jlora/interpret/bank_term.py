@@ -281,7 +281,11 @@ def _grouped(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
   intermediate is not finite (a broken adapter's rows, from an earlier layer)
   enters as zeros and is made NaN afterwards. Finite values times the zeros
   of another group's rows are exact zeros, so each row's sum, and each
-  adapter's gradient, holds its own terms only.
+  adapter's gradient, holds its own terms only. One thing no select here can
+  reach: a cotangent that is not finite in a live row (an adapter broken at
+  a later weight only) enters the kernel's gradient of the other groups; a
+  kernel that masks rows by selection (JAX's own, tested on a CPU) drops it,
+  one that masks by multiplication would not (unverified on GPU and TPU).
   """
   n = a.shape[0]
   zero = jnp.zeros((), a.dtype)
