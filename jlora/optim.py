@@ -16,7 +16,7 @@ from jlora.errors import LoraSpecError, LoraTreeError
 from jlora.adapters.lora_param import LoraParam
 from jlora._paths import flatten_with_paths
 from jlora.adapters.adapter import is_adapter
-from jlora.adapters.bank import LoraBank
+from jlora.adapters.bank import LoraBank, adapter_ids, bank_names
 
 
 def optimizer(tx: optax.GradientTransformation, trainable: Any
@@ -35,7 +35,9 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
   each adapter is clipped, scheduled and counted as if trained alone. Pass
   the step's ``lora_adapter_ids`` to ``update`` and an adapter with no
   example in the batch takes no step at all (zero update, state unchanged),
-  as it would in its own training loop.
+  as it would in its own training loop. The ids are validated as ``apply``
+  validates them (``LoraTreeError`` for concrete ids out of range, of a
+  non-integer dtype or of rank above 1).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jlora
@@ -76,6 +78,7 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
         f"({hint}); pass the trainable part returned by lora_transform (or its gradients)")
 
   n_adapters = _bank_size(trainable)
+  names = None if n_adapters is None else bank_names(trainable)
 
   def init(params):
     check(params, "init's argument")
@@ -90,12 +93,13 @@ def optimizer(tx: optax.GradientTransformation, trainable: Any
         raise LoraTreeError("lora_adapter_ids goes with a bank of adapters; this optimizer "
                             "was made for a trainable tree without one")
       return tx.update(updates, state, params, **extra_args)
+    if lora_adapter_ids is not None:
+      ids = adapter_ids(lora_adapter_ids, names).reshape(-1)   # as apply validates them
     step = lambda u, s, p: tx.update(u, s, p, **extra_args)  # noqa: E731
     new_updates, new_state = jax.vmap(step, in_axes=(0, 0, None if params is None else 0))(
         updates, state, params)
     if lora_adapter_ids is None:
       return new_updates, new_state
-    ids = jnp.asarray(lora_adapter_ids).reshape(-1)
     active = jnp.any(ids[:, None] == jnp.arange(n_adapters)[None, :], axis=0)
 
     def gate(new, old):

@@ -21,7 +21,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
+from jlora import _compat
 from jlora._paths import flatten_with_paths
 from jlora.adapters.adapter import Adapter, is_adapter, register_kind
 from jlora.errors import LoraTreeError
@@ -257,3 +260,38 @@ def bank_names(bank: Any) -> tuple[str, ...]:
   if len(names) != 1:
     raise LoraTreeError(f"the tree's banks do not hold one set of adapters: {sorted(names)}")
   return next(iter(names))
+
+
+def adapter_ids(ids: Any, names: Sequence[str], *, checked: bool = False) -> jax.Array:
+  """``lora_adapter_ids`` as an int array, validated against a bank's adapters.
+
+  The one validation ``jlora.lora``'s ``apply`` and ``jlora.optimizer``'s
+  ``update`` share. Concrete ids are checked here: each must be -1 (the base
+  model alone) or ``0..n-1``. Traced ids (under ``jax.jit``) cannot raise;
+  an id out of range then gives NaN rows (a scalar id: the whole batch),
+  never another adapter's output. With ``checked=True`` traced ids are
+  checked with ``jax.experimental.checkify.check``, so a ``checkify``-ed
+  step reports them (and an un-checkified ``jit`` refuses to trace).
+
+  Raises:
+    LoraTreeError: ids of a non-integer dtype, of rank above 1, or (concrete)
+      out of range.
+  """
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 1:
+    raise LoraTreeError(f"lora_adapter_ids must be an int scalar or an int array with one "
+                        f"entry per example, got {ids.dtype} of shape {ids.shape}")
+  n = len(names)
+  in_range = lambda i: (i >= -1) & (i < n)  # noqa: E731
+  if not _compat.is_tracer(ids):
+    bad = [int(i) for i in np.asarray(ids).reshape(-1) if not in_range(int(i))]
+    if bad:
+      raise LoraTreeError(f"lora_adapter_ids holds {bad[0]}, but the bank has {n} adapters "
+                          f"{list(names)} (ids 0..{n - 1}, or -1 for the base model)")
+  elif checked:
+    ok = in_range(ids)
+    first_bad = jnp.where(ok, 0, ids).reshape(-1)[jnp.argmin(ok.reshape(-1))]
+    checkify.check(jnp.all(ok), f"lora_adapter_ids holds {{bad}}, but the bank has {n} "
+                   f"adapters {list(names)} (ids 0..{n - 1}, or -1 for the base model)",
+                   bad=first_bad)
+  return ids

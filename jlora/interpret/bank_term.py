@@ -11,11 +11,17 @@ batch that mixes adapters; all give each row exactly its adapter's
   each example has many tokens (training, prefill).
 * ``"segment"``: rows sorted by adapter and ``jax.lax.ragged_dot`` (a grouped
   matmul, the SGMV of S-LoRA and Punica); no copies. For many short
-  examples on accelerators.
-* ``"masked"``: every row through every adapter's A, masked to its own,
-  then one matmul with all B's stacked: n times the low-rank FLOPs, but
-  two plain matmuls and no copies; for few adapters and few tokens per
+  examples on accelerators. Where JAX emulates ``ragged_dot`` densely
+  (CPU), the ``"masked"`` form runs instead (see ``_runs_grouped``).
+* ``"masked"``: every row through every adapter, one batched matmul per
+  factor, each adapter's rows selected: n times the low-rank FLOPs and an
+  (n, rows, K) copy of the input; for few adapters and few tokens per
   example (decoding on a CPU).
+
+Every way isolates adapters, forward and backward: a row's output, and an
+adapter's gradient, never depend on the values of adapters the row (or, for
+the gradient, the batch) does not use; a NaN in one adapter stays in its own
+rows (see the note above ``_per_adapter``).
 
 ``"auto"`` picks one from the shapes; ``benchmarks/bench_bank.py`` measures
 them (the numbers and the rule are in ``benchmarks/RESULTS.md``).
@@ -39,6 +45,7 @@ from jlora.layout import Layout
 
 STRATEGIES = ("auto", "gather", "segment", "masked")
 _BATCHED = (((2,), (1,)), ((0,), (0,)))   # (B, T, K) @ (B, K, r)
+_BY_ADAPTER = _BATCHED                     # (n, rows, K) @ (n, K, r)
 
 
 def choose(strategy: str, *, examples: int, rows: int, adapters: int, rank: int,
@@ -98,53 +105,72 @@ class BankTerm(values.AdapterTerm):
                           f"(one adapter per example, -1 for the base model, or a scalar)")
     if ids.ndim == 1:
       lead = dot.x_shape[dot.x_free[0]] if dot.x_free else None
+      found = ctx.examples
+      key = (dot.w_is_rhs, dot.w_contract, dot.x_contract, dot.x_ndim)
+      if found is not None and found.probe_size is not None:
+        found.record(path, key, lead == found.probe_size)   # probing: note, never refuse
+        return
       if lead != ids.shape[0]:
         raise LoraLayoutError(
             f"'{path}': lora_adapter_ids has {ids.shape[0]} entries, one per example, but "
             f"this weight's input (shape {dot.x_shape}) does not lead with {ids.shape[0]} "
             f"examples; a bank needs the examples on the leading axis")
+      if found is None or not found.proven(path, key):
+        why = (f"tracing with another number of examples failed ({found.failure})"
+               if found is not None and found.failure else
+               "its leading axis does not follow the number of examples (a dot inside "
+               "lax.map or a scan over the examples sees one example's tokens)")
+        raise LoraLayoutError(
+            f"'{path}': cannot tell that the leading axis of this weight's input (shape "
+            f"{dot.x_shape}) holds the {ids.shape[0]} examples of lora_adapter_ids: {why}; "
+            f"apply the bank where every dot's input leads with the examples, or pass one "
+            f"scalar id per call")
 
   def add_flat(self, ctx: Any, y: jax.Array, x: jax.Array, plan: dot_lib.FlatPlan
                ) -> jax.Array:
     dot, ids = plan.dot, ctx.adapter_ids
+    if ctx.examples is not None and ctx.examples.probe_size is not None:
+      return y   # the probe of which axis holds the examples needs shapes only
     a, b = factors.flat_factors(self.a, self.b, self.layout, 1, plan.k_axes, plan.n_axes)
     n, r = a.shape[0], a.shape[-1]
     pet = dot.low_rank_type(a.dtype)
     x = ctx.lora_dropout(x, self.dropout).astype(a.dtype)
-    index, weight = _selection(ids, jnp.asarray(self.scales, a.dtype))
+    index, weight, valid = _selection(ids, jnp.asarray(self.scales, a.dtype))
     if ids.ndim == 0:
-      xa = dot_lib.matmul(x, a[index], dot.precision, pet)
-      low = dot_lib.matmul(xa, b[index], dot.precision, pet) * weight
-      return y + low.astype(y.dtype)
+      # One adapter for every row: selecting its factors (zeros for -1 or an id
+      # out of range) keeps every other adapter out, forward and backward.
+      a1 = jnp.where(valid, a[index], jnp.zeros((), a.dtype))
+      b1 = jnp.where(valid, b[index], jnp.zeros((), b.dtype))
+      xa = dot_lib.matmul(x, a1, dot.precision, pet)
+      low = dot_lib.matmul(xa, b1, dot.precision, pet) * weight
+      return y + _nan_out_of_range(low, ids, n).astype(y.dtype)
     examples, rows = ids.shape[0], x.shape[0]
     how = choose(ctx.bank_dot, examples=examples, rows=rows, adapters=n, rank=r,
                  platform=jax.default_backend())
+    per_row = rows // examples
+    if how == "segment" and not _runs_grouped(jax.default_backend()):
+      how = "masked"
     if how == "gather":
-      x3 = x.reshape(examples, rows // examples, x.shape[1])
-      xa = lax.dot_general(x3, jnp.take(a, index, axis=0), _BATCHED, dot.precision, pet)
-      low = lax.dot_general(xa, jnp.take(b, index, axis=0), _BATCHED, dot.precision, pet)
+      # Each example's own factors; an example with no adapter (-1, or an id
+      # out of range) gets zeros, never adapter 0's (clipped) values.
+      x3 = x.reshape(examples, per_row, x.shape[1])
+      keep = valid[:, None, None]
+      a_ex = jnp.where(keep, jnp.take(a, index, axis=0), jnp.zeros((), a.dtype))
+      b_ex = jnp.where(keep, jnp.take(b, index, axis=0), jnp.zeros((), b.dtype))
+      xa = lax.dot_general(x3, a_ex, _BATCHED, dot.precision, pet)
+      low = lax.dot_general(xa, b_ex, _BATCHED, dot.precision, pet)
       low = (low * weight[:, None, None].astype(low.dtype)).reshape(rows, -1)
     elif how == "masked":
-      row_index = jnp.repeat(index, rows // examples)
-      row_weight = jnp.repeat(weight, rows // examples)
-      mask = jax.nn.one_hot(row_index, n, dtype=a.dtype) * row_weight[:, None]
-      a_all = axes_lib.transpose(a, (1, 0, 2)).reshape(a.shape[1], n * r)
-      xa = dot_lib.matmul(x, a_all, dot.precision, pet)
-      xa = xa * jnp.repeat(mask, r, axis=1).astype(xa.dtype)
-      low = dot_lib.matmul(xa, b.reshape(n * r, -1), dot.precision, pet)
+      low = _per_adapter(x, a, b, jnp.repeat(index, per_row), jnp.repeat(valid, per_row),
+                         dot.precision, pet)
+      low = low * jnp.repeat(weight, per_row)[:, None].astype(low.dtype)
     elif how == "segment":
-      row_index = jnp.repeat(index, rows // examples)
-      order = jnp.argsort(row_index, stable=True)
-      sizes = jnp.bincount(row_index, length=n).astype(jnp.int32)
-      xa = lax.ragged_dot(x[order], a, sizes, precision=dot.precision,
-                          preferred_element_type=pet)
-      low_sorted = lax.ragged_dot(xa, b, sizes, precision=dot.precision,
-                                  preferred_element_type=pet)
-      low = jnp.zeros_like(low_sorted).at[order].set(low_sorted)
-      low = low * jnp.repeat(weight, rows // examples)[:, None].astype(low.dtype)
+      low = _grouped(x, a, b, jnp.repeat(index, per_row), jnp.repeat(valid, per_row),
+                     dot.precision, pet)
+      low = low * jnp.repeat(weight, per_row)[:, None].astype(low.dtype)
     else:
       raise ValueError(f"bank_dot must be one of {STRATEGIES}, got {how!r}")
-    return y + low.astype(y.dtype)
+    return y + _nan_out_of_range(low, ids, n, per_row).astype(y.dtype)
 
   def add_labelled(self, ctx: Any, y: jax.Array, x: jax.Array,
                    plan: dot_lib.LabelledPlan) -> jax.Array:
@@ -182,14 +208,106 @@ class BankTerm(values.AdapterTerm):
     return dataclasses.replace(self, layout=factors.stack_layout(self.layout))
 
 
-def _selection(ids: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Each id's adapter index and weight: its scale; 0 for -1 (the base model
-  alone); NaN for an id out of range, so a bad id under jit shows instead of
-  silently running another adapter (outside jit, apply refuses it)."""
+def _selection(ids: jax.Array, scales: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each id's adapter index (clipped into range), its weight (its scale; 0 for
+  -1 or an id out of range) and whether it names an adapter at all."""
   n = scales.shape[0]
   index = jnp.clip(ids, 0, n - 1)
-  weight = jnp.where(ids >= 0, scales[index], jnp.zeros((), scales.dtype))
-  return index, jnp.where((ids >= -1) & (ids < n), weight, jnp.full((), jnp.nan, scales.dtype))
+  valid = (ids >= 0) & (ids < n)
+  return index, jnp.where(valid, scales[index], jnp.zeros((), scales.dtype)), valid
+
+
+def _nan_out_of_range(low: jax.Array, ids: jax.Array, n: int, per_row: int = 0) -> jax.Array:
+  """NaN rows for ids out of range, so a bad id under jit shows instead of
+  silently running another adapter (outside jit, apply refuses it; under jit,
+  ``jlora.lora(fn, check_ids=True)`` and checkify report it). A select, so
+  no cotangent flows back from those rows."""
+  bad = (ids < -1) | (ids >= n)
+  if ids.ndim:
+    bad = jnp.repeat(bad, per_row)[:, None]
+  return jnp.where(bad, jnp.full((), jnp.nan, low.dtype), low)
+
+
+# Isolation. Each row must get exactly its own adapter's product, and each
+# adapter's gradient exactly its own rows' share, whatever values (NaN, Inf,
+# 1e30) the other adapters hold. A product masked by multiplication is not
+# isolated (0 * NaN = NaN), and neither is a matmul whose contraction runs over
+# several adapters (one adapter's Inf meets the zeros of another's rows). So
+# every value that reaches adapter k is selected (``jnp.where``) to k's rows:
+# its input, its rank-r intermediate and its output. In the backward pass the
+# same selects zero the cotangents of the other rows exactly, so the cotangent
+# reaching x from adapter k, and k's gradient, involve k's rows alone.
+
+
+def _per_adapter(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
+                 row_valid: jax.Array, precision: Any, pet: Any) -> jax.Array:
+  """Every row through every adapter, one batched matmul per factor, each
+  adapter's input, intermediate and output selected to its own rows (n times
+  the low-rank FLOPs and an (n, rows, K) copy of x: for short examples)."""
+  n = a.shape[0]
+  sel = ((row_index[None, :] == jnp.arange(n, dtype=row_index.dtype)[:, None])
+         & row_valid[None, :])[:, :, None]                                  # (n, rows, 1)
+  zero = jnp.zeros((), a.dtype)
+  xs = jnp.where(sel, x[None], zero)                                        # (n, rows, K)
+  xa = jnp.where(sel, lax.dot_general(xs, a, _BY_ADAPTER, precision, pet), zero)
+  low = lax.dot_general(xa, b, _BY_ADAPTER, precision, pet)                 # (n, rows, N)
+  # One non-zero term per row: the sum adds exact zeros.
+  return jnp.where(sel, low, jnp.zeros((), low.dtype)).sum(axis=0)
+
+
+def _runs_grouped(platform: str) -> bool:
+  """Whether ``"segment"`` runs ``lax.ragged_dot`` (``_grouped``) here.
+
+  On a CPU, JAX lowers ``ragged_dot`` to a dense emulation: every group is
+  computed on every row (the other groups' rows zeroed) and the groups are
+  summed in one contraction, at ``masked``'s cost (n times the FLOPs and an
+  (n, rows, K) copy); there the isolating ``_per_adapter`` form runs instead,
+  at the same cost. GPUs and TPUs lower it to a grouped-matmul instruction
+  whose padding is the backend's business; ``_grouped`` hands it finite
+  values only, so that whatever it pads adds exact zeros.
+  """
+  return platform != "cpu"
+
+
+def _grouped(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
+             row_valid: jax.Array, precision: Any, pet: Any) -> jax.Array:
+  """Rows sorted by adapter and ``lax.ragged_dot`` (a grouped matmul), made
+  isolating for a kernel that may compute a group on rows of another (zeroed
+  or masked by multiplication): it is only ever handed finite values.
+
+  An adapter whose factors are not all finite is replaced by zeros and its
+  rows made NaN afterwards (by a select); a row whose input or rank-r
+  intermediate is not finite (a broken adapter's rows, from an earlier layer)
+  enters as zeros and is made NaN afterwards. Finite values times the zeros
+  of another group's rows are exact zeros, so each row's sum, and each
+  adapter's gradient, holds its own terms only. One thing no select here can
+  reach: a cotangent that is not finite in a live row (an adapter broken at
+  a later weight only) enters the kernel's gradient of the other groups; a
+  kernel that masks rows by selection (JAX's own, tested on a CPU) drops it,
+  one that masks by multiplication would not (unverified on GPU and TPU).
+  """
+  n = a.shape[0]
+  zero = jnp.zeros((), a.dtype)
+  finite = lambda t, axes: jnp.all(jnp.isfinite(t), axis=axes)  # noqa: E731
+  ok = finite(a, (1, 2)) & finite(b, (1, 2))                                  # (n,)
+  a = jnp.where(ok[:, None, None], a, zero)
+  b = jnp.where(ok[:, None, None], b, zero)
+  row_ok = row_valid & ok[row_index]
+  live = (row_ok & finite(x, 1))[:, None]
+  row_index = jnp.where(row_valid, row_index, n - 1)   # the base-only rows anywhere: zeros
+  order = jnp.argsort(row_index, stable=True)
+  inverse = jnp.argsort(order)
+  sizes = jnp.bincount(row_index, length=n).astype(jnp.int32)
+  xs = jnp.where(live, x, zero)[order]
+  xa = lax.ragged_dot(xs, a, sizes, precision=precision, preferred_element_type=pet)
+  xa_ok = finite(xa, 1)[:, None]
+  xa = jnp.where(xa_ok, xa, jnp.zeros((), xa.dtype))
+  low = lax.ragged_dot(xa, b, sizes, precision=precision, preferred_element_type=pet)
+  low = jnp.where(xa_ok, low, jnp.full((), jnp.nan, low.dtype))[inverse]
+  nan, zeros = jnp.full((), jnp.nan, low.dtype), jnp.zeros((), low.dtype)
+  # A row of a broken adapter, or whose input is not finite, is NaN; base-only rows 0.
+  return jnp.where(live, low, jnp.where(row_valid[:, None], nan, zeros))
 
 
 values.register_term(LoraBank, BankTerm.of)

@@ -32,12 +32,15 @@ class Context:
     counter: how many dropout masks were drawn, to fold into the key.
     adapter_ids: each example's adapter in a bank (or one for all), or None.
     bank_dot: how a bank computes a mixed batch (see ``bank_term``).
+    examples: with per-example ids, which bank dots' inputs lead with the
+      examples (``examples.ExampleAxes``), or None.
   """
 
   dropout_key: jax.Array | None = None
   counter: int = 0
   adapter_ids: jax.Array | None = None
   bank_dot: str = "auto"
+  examples: Any = None
 
   def next_key(self) -> jax.Array | None:
     if self.dropout_key is None:
