@@ -40,6 +40,7 @@ from flax import nnx
 from jlora import transform
 from jlora._paths import flatten_with_paths
 from jlora.adapter import array_fields, is_adapter, static_fields
+from jlora.bank import stack_adapters
 from jlora.errors import LoraLayoutError, LoraSpecError
 from jlora.interpret import infer_layouts, lora as _lora
 from jlora.layout import Layout
@@ -47,7 +48,7 @@ from jlora.merge import merge as _merge
 from jlora.quant import quantize as _quantize
 from jlora.spec import LoraSpec
 
-__all__ = ["LoraModule", "lora", "merge", "quantize"]
+__all__ = ["LoraModule", "lora", "merge", "quantize", "stack"]
 
 
 class _Factors(nnx.Module):
@@ -268,6 +269,33 @@ def merge(model: LoraModule, *, dtype: Any = None) -> nnx.Module:
   graphdef, frozen, trainable = model.split_lora()
   kwargs = {} if dtype is None else {"dtype": dtype}
   return nnx.merge(graphdef, _merge(frozen, trainable, **kwargs))
+
+
+def stack(modules: Mapping[str, LoraModule], *, bank_dot: str = "auto") -> LoraModule:
+  """One module with the adapters of several, as a bank (``jlora.stack_adapters``).
+
+  All must adapt the same base (the first one's ``base_model`` is kept).
+  Call it with ``lora_adapter_ids`` (each example's adapter, -1 for the base
+  model), as ``jlora.lora``'s transformed function.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora, jlora.nnx
+    >>> from flax import nnx
+    >>> base = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["kernel"])
+    >>> ms = {n: jlora.nnx.lora(base, spec, rngs=nnx.Rngs(i)) for i, n in enumerate("xy")}
+    >>> bank = jlora.nnx.stack(ms)
+    >>> bank(jnp.ones((2, 8)), lora_adapter_ids=jnp.array([0, 1])).shape
+    (2, 4)
+  """
+  if not modules or not all(isinstance(m, LoraModule) for m in modules.values()):
+    raise LoraSpecError("jlora.nnx.stack takes a non-empty mapping of name -> LoraModule")
+  trees = {name: m.split_lora()[2] for name, m in modules.items()}
+  bank = stack_adapters(trees)
+  pairs, _ = flatten_with_paths(bank, is_leaf=is_adapter)
+  first = next(iter(modules.values()))
+  base = nnx.merge(*nnx.split(first.base_model))   # its own copy of the variables
+  return LoraModule(base, {p: t for p, t in pairs if is_adapter(t)}, bank_dot=bank_dot)
 
 
 def quantize(model: nnx.Module, targets: Any = None, *, block_size: int = 64,
