@@ -230,8 +230,9 @@ def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
     >>> m = jlora.nnx.lora(model, spec, rngs=nnx.Rngs(1))
     >>> m(jnp.ones((3, 8))).shape, m.in_features
     ((3, 4), 8)
-    >>> jax.tree.map(jnp.shape, nnx.state(m, nnx.LoRAParam))["lora"]["kernel"]["a"]
-    (8, 2)
+    >>> lora = nnx.state(m, nnx.LoRAParam)   # the factors: ["lora"]["kernel"]["a"], ["b"]
+    >>> type(lora["lora"]["kernel"]["a"]).__name__, lora["lora"]["kernel"]["a"].shape
+    ('LoRAParam', (8, 2))
   """
   if not isinstance(model, nnx.Module):
     raise LoraSpecError(f"jlora.nnx.lora takes an nnx.Module, got {type(model).__name__}")
