@@ -1,0 +1,124 @@
+"""``jlora.nnx`` inside google-tunix, unedited: its ``PeftTrainer`` trains a
+jlora-adapted tiny Llama 3 (loss falls, only the LoRA params change) and its
+``Sampler``'s greedy tokens equal the merged model's.
+
+Skipped without tunix. Tunix pulls transformers 5, which the ``peft`` extra's
+Flax models cannot use, so it runs in an environment of its own:
+
+    python -m venv /tmp/tunix && /tmp/tunix/bin/pip install jax==0.10.2 \\
+        flax==0.12.8 google-tunix==0.1.7 pytest
+    PYTHONPATH=$PWD /tmp/tunix/bin/python -m pytest -q tests/test_nnx_tunix.py
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jlora
+import jlora.nnx
+
+llama = pytest.importorskip("tunix.models.llama3.model")
+peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")
+sft_utils = pytest.importorskip("tunix.sft.utils")
+sampler_lib = pytest.importorskip("tunix.generate.sampler")
+
+VOCAB, PAD, BOS, EOS = 64, 0, 1, 2
+TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj)/w|.*/(gate_proj|up_proj|down_proj)/kernel"
+
+
+class CharTokenizer:
+  """Characters to ids 3..63: the methods Tunix's TokenizerAdapter asks for."""
+
+  def encode(self, text, **kwargs):
+    return [3 + ord(c) % (VOCAB - 3) for c in text]
+
+  def decode(self, ids, **kwargs):
+    return "".join(chr(ord("a") + (int(i) - 3) % 26) for i in ids if int(i) > 2)
+
+  def bos_id(self):
+    return BOS
+
+  def eos_id(self):
+    return EOS
+
+  def pad_id(self):
+    return PAD
+
+
+def _config():
+  return llama.ModelConfig(num_layers=2, vocab_size=VOCAB, embed_dim=32, hidden_dim=64,
+                           num_heads=4, head_dim=8, num_kv_heads=2, rope_theta=10_000,
+                           norm_eps=1e-5)
+
+
+def _llama():
+  """A tiny Llama 3 with random weights, as if loaded (Tunix starts its MLP
+  kernels at zero, where their LoRA gradients are zero too)."""
+  model = llama.Llama3(_config(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  weights = jax.tree.map(
+      lambda w: jnp.asarray(0.3 * rng.standard_normal(w.shape), w.dtype) if w.ndim > 1 else w,
+      nnx.state(model, nnx.Param))
+  nnx.update(model, weights)
+  return model
+
+
+def _model_input(x):
+  pad_mask = x.input_tokens != PAD
+  return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+          "positions": sft_utils.build_positions_from_mask(pad_mask),
+          "attention_mask": sft_utils.make_causal_attn_mask(pad_mask)}
+
+
+def _batch(seed):
+  tokens = np.random.default_rng(seed).integers(3, VOCAB, (2, 12)).astype(np.int32)
+  return peft_trainer.TrainingInput(input_tokens=tokens, input_mask=np.ones_like(tokens, bool))
+
+
+@pytest.fixture(scope="module")
+def trained():
+  batch = _batch(0)
+  inputs = _model_input(batch)
+  example = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+  spec = jlora.LoraSpec(rank=4, alpha=8, targets=TARGETS)
+  m = jlora.nnx.lora(_llama(), spec, rngs=nnx.Rngs(1),
+                     example_args=example)
+  loss = lambda m: float(peft_trainer._default_loss_fn(m, **inputs))  # noqa: E731
+  frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  before = (jax.tree.map(np.asarray, nnx.state(m, frozen)),
+            jax.tree.map(np.asarray, nnx.state(m, nnx.LoRAParam)), loss(m))
+  trainer = peft_trainer.PeftTrainer(
+      m, optax.adam(1e-2), peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=8))
+  trainer = trainer.with_gen_model_input_fn(_model_input)
+  trainer.train([batch] * 8)
+  return m, before, loss(m)
+
+
+def test_peft_trainer_trains_the_lora_params_alone(trained):
+  m, (frozen_before, lora_before, loss_before), loss_after = trained
+  assert loss_after < loss_before - 0.05, (loss_before, loss_after)
+  frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  jax.tree.map(np.testing.assert_array_equal, frozen_before,
+               jax.tree.map(np.asarray, nnx.state(m, frozen)))
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), lora_before,
+                       nnx.state(m, nnx.LoRAParam))
+  assert all(jax.tree.leaves(moved))
+
+
+def test_sampler_greedy_tokens_equal_the_merged_models(trained):
+  m = trained[0]
+  cache = sampler_lib.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
+  prompts = ["hello", "jax lora"]
+  outs = {}
+  for name, model in [("adapted", m), ("merged", jlora.nnx.merge(m)),
+                      ("base", m.base_model)]:
+    sampler = sampler_lib.Sampler(model, CharTokenizer(), cache)
+    out = sampler(prompts, max_generation_steps=8, temperature=0.0, echo=False)
+    outs[name] = np.asarray(out.tokens)
+  np.testing.assert_array_equal(outs["adapted"], outs["merged"])
+  assert not np.array_equal(outs["adapted"], outs["base"])   # the adapter matters
