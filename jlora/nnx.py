@@ -150,7 +150,7 @@ class LoraModule(nnx.Module):
   def __getattr__(self, name: str) -> Any:
     # Reached only for names the wrapper lacks: the original's attributes.
     base = vars(self).get("base_model")
-    if base is None or name.startswith("__"):
+    if base is None or "__" in name:   # dunders and NNX's own (_pytree__...)
       raise AttributeError(name)
     attr = getattr(base, name)
     if (inspect.ismethod(attr) and attr.__self__ is base and name not in _MODULE_NAMES):
@@ -236,6 +236,7 @@ def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
   """
   if not isinstance(model, nnx.Module):
     raise LoraSpecError(f"jlora.nnx.lora takes an nnx.Module, got {type(model).__name__}")
+  key = _key(key, rngs)
   graphdef, state = nnx.split(model)
   pairs, _ = flatten_with_paths(state)
   targets, extras = transform.select_targets(pairs, spec)
@@ -245,7 +246,7 @@ def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
         f"support; adapt it with targets, or use the functional API (jlora.lora_transform)")
   layouts = _layouts(model, state, example_args, example_kwargs, layouts)
   _check_layouts(pairs, targets, spec, layouts)
-  frozen, trainable = transform.lora_transform(state, spec, key=_key(key, rngs),
+  frozen, trainable = transform.lora_transform(state, spec, key=key,
                                                layouts=layouts)
   t_pairs, _ = flatten_with_paths(trainable, is_leaf=is_adapter)
   adapters = {path: t for path, t in t_pairs if is_adapter(t)}

@@ -131,6 +131,14 @@ def test_a_multi_axis_kernel_without_layout_is_refused():
     jlora.nnx.lora(Tiny(nnx.Rngs(0)), spec, rngs=nnx.Rngs(1))
   msg = str(err.value)
   assert "\n" not in msg and "'o/kernel'" in msg and "example_args" in msg
+  with pytest.raises(jlora.LoraSpecError, match="key= or rngs="):
+    jlora.nnx.lora(Tiny(nnx.Rngs(0)), spec, key=jax.random.key(0), rngs=nnx.Rngs(1),
+                   example_args=(_x(),))
+  linear = jlora.nnx.lora(nnx.Linear(4, 4, rngs=nnx.Rngs(0)),
+                          jlora.LoraSpec(rank=2, targets=["kernel"]), key=jax.random.key(0))
+  assert linear.lora_paths == ("kernel",) and linear.adapters()["kernel"].a.shape == (4, 2)
+  with pytest.raises(jlora.LoraSpecError, match="nnx.Module"):
+    jlora.nnx.lora({"w": jnp.zeros((2, 2))}, spec)
   with pytest.raises(jlora.LoraSpecError, match="extra_trainable"):
     jlora.nnx.lora(Tiny(nnx.Rngs(0)), jlora.LoraSpec(rank=2, targets=["mlp/kernel"],
                                                      extra_trainable=["mlp/bias"]),
