@@ -296,7 +296,7 @@ def stack(modules: Mapping[str, LoraModule], *, bank_dot: str = "auto") -> LoraM
   bank = stack_adapters(trees)
   pairs, _ = flatten_with_paths(bank, is_leaf=is_adapter)
   first = next(iter(modules.values()))
-  base = nnx.merge(*nnx.split(first.base_model))   # its own copy of the variables
+  base = nnx.clone(first.base_model)   # its own variables (split/merge would share them)
   return LoraModule(base, {p: t for p, t in pairs if is_adapter(t)}, bank_dot=bank_dot)
 
 

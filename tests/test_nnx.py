@@ -137,6 +137,9 @@ def test_a_multi_axis_kernel_without_layout_is_refused():
   linear = jlora.nnx.lora(nnx.Linear(4, 4, rngs=nnx.Rngs(0)),
                           jlora.LoraSpec(rank=2, targets=["kernel"]), key=jax.random.key(0))
   assert linear.lora_paths == ("kernel",) and linear.adapters()["kernel"].a.shape == (4, 2)
+  original = nnx.Linear(4, 4, rngs=nnx.Rngs(0))   # left as it is: its own variables
+  copy = jlora.nnx.lora(original, jlora.LoraSpec(rank=2, targets=["kernel"]), rngs=nnx.Rngs(0))
+  assert copy.base_model.kernel is not original.kernel
   with pytest.raises(jlora.LoraSpecError, match="nnx.Module"):
     jlora.nnx.lora({"w": jnp.zeros((2, 2))}, spec)
   with pytest.raises(jlora.LoraSpecError, match="extra_trainable"):

@@ -1,6 +1,6 @@
 """``jlora.nnx`` inside google-tunix, unedited: its ``PeftTrainer`` trains a
-jlora-adapted tiny Llama 3, Qwen 3 and Gemma 3 (loss falls, only the LoRA
-params change) and its
+jlora-adapted tiny Llama 3, Qwen 3 and Gemma 3, and a Llama 3 on an NF4 base
+(loss falls, only the LoRA params change) and its
 ``Sampler``'s greedy tokens equal the merged model's.
 
 Skipped without tunix. Tunix pulls transformers 5, which the ``peft`` extra's
@@ -96,13 +96,17 @@ def _batch(seed):
   return peft_trainer.TrainingInput(input_tokens=tokens, input_mask=np.ones_like(tokens, bool))
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=[*FAMILIES, "llama3-nf4"])
 def trained(request):
   batch = _batch(0)
   inputs = _model_input(batch)
   example = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
-  spec = jlora.LoraSpec(rank=4, alpha=8, targets=FAMILIES[request.param][2])
-  m = jlora.nnx.lora(_tiny(request.param), spec, rngs=nnx.Rngs(1),
+  family, nf4 = request.param.removesuffix("-nf4"), request.param.endswith("-nf4")
+  spec = jlora.LoraSpec(rank=4, alpha=8, targets=FAMILIES[family][2])
+  model = _tiny(family)
+  if nf4:   # QLoRA: every adapted weight stored in NF4
+    model = jlora.nnx.quantize(model, spec.targets, example_args=example)
+  m = jlora.nnx.lora(model, spec, rngs=nnx.Rngs(1),
                      example_args=example)
   loss = lambda m: float(peft_trainer._default_loss_fn(m, **inputs))  # noqa: E731
   frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
@@ -128,7 +132,7 @@ def test_peft_trainer_trains_the_lora_params_alone(trained):
 
 def test_sampler_greedy_tokens_equal_the_merged_models(trained):
   # A copy with a large B, so that the adapter moves the greedy tokens.
-  m = nnx.merge(*nnx.split(trained[0]))
+  m = nnx.clone(trained[0])
   rng = np.random.default_rng(1)
   lora = jax.tree_util.tree_map_with_path(
       lambda kp, v: jnp.asarray(rng.standard_normal(v.shape), v.dtype)
@@ -137,14 +141,18 @@ def test_sampler_greedy_tokens_equal_the_merged_models(trained):
   cache = sampler_lib.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
   prompts = ["hello", "jax lora"]
   outs = {}
-  for name, model in [("adapted", m), ("merged", jlora.nnx.merge(m)),
-                      ("base", m.base_model)]:
+  for name, model in [("adapted", m), ("merged", jlora.nnx.merge(m))]:
     sampler = sampler_lib.Sampler(model, CharTokenizer(), cache)
     out = sampler(prompts, max_generation_steps=8, temperature=0.0, echo=False)
     outs[name] = [np.asarray(t).tolist() for t in out.tokens]   # up to EOS
   assert outs["adapted"] == outs["merged"]
   # The adapter matters: it moves the logits (the tiny Gemma 3, whose tied
   # embedding dominates, repeats its last prompt token with or without it).
+  # The base is the merged model of a zero B (an NF4 base runs only adapted).
+  base = nnx.clone(m)
+  nnx.update(base, jax.tree_util.tree_map_with_path(
+      lambda kp, v: jnp.zeros_like(v) if jlora.path_str(kp).endswith("/b") else v,
+      nnx.state(base, nnx.LoRAParam)))
   inputs = _model_input(_batch(1))
   args = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
-  assert float(jnp.max(jnp.abs(m(*args)[0] - m.base_model(*args)[0]))) > 1e-1
+  assert float(jnp.max(jnp.abs(m(*args)[0] - jlora.nnx.merge(base)(*args)[0]))) > 1e-1
