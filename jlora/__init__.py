@@ -94,13 +94,6 @@ __all__ = [
 ]
 
 # 0.1's names, forwarded with a DeprecationWarning; not in __all__ or dir().
-_deprecated_getattr = _deprecated.module_getattr(__name__, _deprecated.TOP_LEVEL)
-
-
-def __getattr__(name: str):
-  # jlora.nnx imports Flax, which jlora does not need otherwise: it is loaded
-  # on first use (``jlora.nnx.lora`` after ``import jlora``), not at import.
-  if name == "nnx":
-    import importlib
-    return importlib.import_module("jlora.nnx")
-  return _deprecated_getattr(name)
+# jlora.nnx imports Flax, which jlora does not need otherwise: it is loaded on
+# first use (``jlora.nnx.lora`` after ``import jlora``), not at import.
+__getattr__ = _deprecated.module_getattr(__name__, _deprecated.TOP_LEVEL, lazy=("nnx",))
