@@ -8,8 +8,9 @@
   is), with W0 as it was, or NF4 (``jlora.nnx.quantize``), or the residual of
   a base-changing init (PiSSA, OLoRA, LoftQ);
 * ``lora``: the factors, one small module per adapted weight in a tree of
-  ``nnx.Dict`` that mirrors the weight's path (``lora/fc1/kernel/a``), each
-  array an ``nnx.LoRAParam``.
+  ``nnx.Dict`` that mirrors the weight's path (``lora/fc1/kernel/a``; a
+  segment that names an ``nnx.Dict`` method or starts with ``_`` gets a
+  trailing ``_``: ``lora/items_/kernel``), each array an ``nnx.LoRAParam``.
 
 So NNX's tools that select by variable type see what they expect:
 ``nnx.state(m, nnx.LoRAParam)`` is the adapter, ``nnx.Optimizer(m, tx,
@@ -85,6 +86,14 @@ def _apply(bank_dot: str):
 
 # nnx.Module's own methods (train, eval, sow, ...) act on the wrapper itself.
 _MODULE_NAMES = frozenset(dir(nnx.Module))
+# nnx.Dict keeps its items as attributes, so a path segment that names one of
+# its methods (keys, items, update, ...) or starts with "_" is stored with a
+# trailing "_" in the tree of factors.
+_DICT_NAMES = frozenset(dir(nnx.Dict))
+
+
+def _node_name(segment: str) -> str:
+  return f"{segment}_" if segment in _DICT_NAMES or segment.startswith("_") else segment
 
 
 class LoraModule(nnx.Module):
@@ -105,7 +114,7 @@ class LoraModule(nnx.Module):
     self.lora = nnx.Dict()
     for path, adapter in adapters.items():
       node = self.lora
-      *parents, leaf = path.split("/")
+      *parents, leaf = map(_node_name, path.split("/"))
       for name in parents:
         if name not in node:
           node[name] = nnx.Dict()
@@ -120,7 +129,7 @@ class LoraModule(nnx.Module):
     out = {}
     for path in self.lora_paths:
       node = self.lora
-      for name in path.split("/"):
+      for name in map(_node_name, path.split("/")):
         node = node[name]
       out[path] = node.adapter()
     return out

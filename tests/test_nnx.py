@@ -250,3 +250,24 @@ def test_bank_takes_adapter_ids():
   got = nnx.jit(lambda m, x, ids: m(x, lora_adapter_ids=ids))(bank, x, jnp.array([1, -1]))
   ref.assert_close_forward(got[0], ms["b"](x)[0])
   ref.assert_close_forward(got[1], base(x)[1])
+
+
+class Awkward(nnx.Module):
+  """Submodules named like nnx.Dict's methods, or private."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.items = nnx.Linear(4, 4, rngs=rngs)
+    self._proj = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self._proj(jnp.tanh(self.items(x)))
+
+
+def test_paths_named_like_dict_methods():
+  spec = jlora.LoraSpec(rank=2, alpha=4, targets=["kernel"])
+  m = _perturbed(jlora.nnx.lora(Awkward(nnx.Rngs(0)), spec, rngs=nnx.Rngs(1)))
+  assert set(m.lora_paths) == {"items/kernel", "_proj/kernel"}
+  assert set(_by_path(m)) == {"items_/kernel", "_proj_/kernel"}
+  x = ref.normal((3, 4), seed=2)
+  ref.assert_close_forward(m(x), jlora.nnx.merge(m)(x))
+  assert ref.max_abs_diff(m(x), m.base_model(x)) > 1e-2
