@@ -6,7 +6,8 @@ adapters and ``combine``, ``quantize``/``dequantize``, and the errors. The
 file formats are namespaces: ``jlora.orbax`` (adapters and training
 checkpoints), ``jlora.peft`` (PEFT adapter folders), ``jlora.base``
 (base-parameter files, quantized or not) and ``jlora.bnb`` (Hugging Face
-bitsandbytes 4-bit checkpoints).
+bitsandbytes 4-bit checkpoints). ``jlora.nnx`` adapts a Flax NNX module in
+NNX's idiom; it is imported on first use (it needs Flax).
 
 The 0.1 names of the file functions (``jlora.save_adapter``,
 ``jlora.save_peft``, ...) still resolve, with a ``DeprecationWarning`` naming
@@ -89,4 +90,6 @@ __all__ = [
 ]
 
 # 0.1's names, forwarded with a DeprecationWarning; not in __all__ or dir().
-__getattr__ = _deprecated.module_getattr(__name__, _deprecated.TOP_LEVEL)
+# jlora.nnx imports Flax, which jlora does not need otherwise: it is loaded on
+# first use (``jlora.nnx.lora`` after ``import jlora``), not at import.
+__getattr__ = _deprecated.module_getattr(__name__, _deprecated.TOP_LEVEL, lazy=("nnx",))

@@ -135,18 +135,22 @@ def resolve(moved: Moved) -> Any:
   return getattr(importlib.import_module(module), attr)
 
 
-def module_getattr(module: str, table: Mapping[str, Moved]) -> Callable[[str], Any]:
+def module_getattr(module: str, table: Mapping[str, Moved],
+                   lazy: tuple[str, ...] = ()) -> Callable[[str], Any]:
   """A module-level ``__getattr__`` (PEP 562) that forwards ``table``'s names.
 
   Args:
     module: the module's ``__name__``.
     table: 0.1 name -> where it lives now.
+    lazy: submodules imported on first use, not with the module (no warning).
 
   Returns:
     The function to assign to the module's ``__getattr__``.
   """
 
   def __getattr__(name: str) -> Any:
+    if name in lazy:
+      return importlib.import_module(f"{module}.{name}")
     moved = table.get(name)
     if moved is None:
       # The message (and the attributes that let Python suggest a near name)

@@ -1,0 +1,334 @@
+"""``jlora.nnx``: LoRA for Flax NNX modules, in NNX's own idiom.
+
+``jlora.nnx.lora(model, spec, ...)`` returns a ``LoraModule``: an
+``nnx.Module`` that stands for the adapted ``model``. It holds
+
+* ``base_model``: a copy of ``model`` (same class, same ``nnx.Param`` and
+  other variables; the arrays are shared, the user's module is left as it
+  is), with W0 as it was, or NF4 (``jlora.nnx.quantize``), or the residual of
+  a base-changing init (PiSSA, OLoRA, LoftQ);
+* ``lora``: the factors, one small module per adapted weight in a tree of
+  ``nnx.Dict`` that mirrors the weight's path (``lora/fc1/kernel/a``; a
+  segment that names an ``nnx.Dict`` method or starts with ``_`` gets a
+  trailing ``_``: ``lora/items_/kernel``), each array an ``nnx.LoRAParam``.
+
+So NNX's tools that select by variable type see what they expect:
+``nnx.state(m, nnx.LoRAParam)`` is the adapter, ``nnx.Optimizer(m, tx,
+wrt=nnx.LoRAParam)`` and ``nnx.DiffState(0, nnx.LoRAParam)`` train the
+factors alone, and ``nnx.jit``, ``nnx.split``/``nnx.merge`` and orbax's NNX
+checkpointing carry the module as any other.
+
+Calling the module, and calling any method of the original class on it
+(``m.init_cache(...)``, ``m.encode(...)``), runs that method of
+``base_model`` through ``jlora.lora``'s interpreter: each use of an adapted
+weight is ``x W0 + s (x A) B``, never a merged weight, and no gradient flows
+to W0. The method's updates to variables other than ``nnx.Param`` (a KV
+cache, batch statistics, RNG counters) are written back. Every other
+attribute (``m.config``, ``m.layers``, a property) is the original's, read
+from ``base_model`` as it is: a submodule reached that way and called on its
+own runs on the base weights alone, without the adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Mapping, Sequence
+
+import jax
+from flax import nnx
+
+from jlora import transform
+from jlora._paths import flatten_with_paths
+from jlora.adapter import array_fields, is_adapter, static_fields
+from jlora.bank import stack_adapters
+from jlora.errors import LoraLayoutError, LoraSpecError
+from jlora.interpret import infer_layouts, lora as _lora
+from jlora.layout import Layout
+from jlora.merge import merge as _merge
+from jlora.quant import quantize as _quantize
+from jlora.spec import LoraSpec
+
+__all__ = ["LoraModule", "lora", "merge", "quantize", "stack"]
+
+
+class _Factors(nnx.Module):
+  """The arrays of one adapter as ``nnx.LoRAParam``; its class and static
+  fields (scale, layout, ...) are static attributes, so they live in the
+  graph definition, not the state."""
+
+  def __init__(self, adapter: Any):
+    self.kind = type(adapter)
+    self.static = tuple((f, getattr(adapter, f)) for f in static_fields(self.kind))
+    for f in array_fields(self.kind):
+      setattr(self, f, nnx.LoRAParam(getattr(adapter, f)))
+
+  def adapter(self) -> Any:
+    arrays = {f: getattr(self, f).get_value() for f in array_fields(self.kind)}
+    return self.kind(**arrays, **dict(self.static))
+
+
+def _forward(state: Any, graphdef: Any, method: str, *args, **kwargs):
+  """The function ``jlora.lora`` wraps: the method of the merged module, and
+  the state of its variables other than ``nnx.Param`` after the call."""
+  module = nnx.merge(graphdef, state)
+  out = getattr(module, method)(*args, **kwargs)
+  return out, nnx.state(module, nnx.Not(nnx.Param))
+
+
+@functools.cache
+def _apply(bank_dot: str):
+  # One transformed function per strategy, shared by every LoraModule: its
+  # trace cache is keyed by the graph definition (a static argument) and the
+  # state's structure and shapes, so each model and method is traced once.
+  return _lora(_forward, bank_dot=bank_dot)
+
+
+# nnx.Module's own methods (train, eval, sow, ...) act on the wrapper itself.
+_MODULE_NAMES = frozenset(dir(nnx.Module))
+# nnx.Dict keeps its items as attributes, so a path segment that names one of
+# its methods (keys, items, update, ...) or starts with "_" is stored with a
+# trailing "_" in the tree of factors.
+_DICT_NAMES = frozenset(dir(nnx.Dict))
+
+
+def _node_name(segment: str) -> str:
+  return f"{segment}_" if segment in _DICT_NAMES or segment.startswith("_") else segment
+
+
+class LoraModule(nnx.Module):
+  """An NNX module adapted by LoRA; made by ``jlora.nnx.lora``.
+
+  Attributes:
+    base_model: the original module with the frozen weights (``nnx.Param``).
+    lora: the factors (``nnx.LoRAParam``), a tree of ``nnx.Dict`` mirroring
+      the adapted weights' paths.
+
+  Calling it takes the original's arguments, plus ``lora_dropout_key`` and
+  ``lora_adapter_ids`` as ``jlora.lora``'s transformed function does.
+  """
+
+  def __init__(self, base_model: nnx.Module, adapters: Mapping[str, Any], *,
+               bank_dot: str = "auto"):
+    self.base_model = base_model
+    self.lora = nnx.Dict()
+    for path, adapter in adapters.items():
+      node = self.lora
+      *parents, leaf = map(_node_name, path.split("/"))
+      for name in parents:
+        if name not in node:
+          node[name] = nnx.Dict()
+        node = node[name]
+      node[leaf] = _Factors(adapter)
+    self.lora_paths = tuple(adapters)
+    self.bank_dot = bank_dot
+
+  def adapters(self) -> dict[str, Any]:
+    """Path -> the adapter (``jlora.LoraParam``, ``DoraParam``, ``LoraBank``)
+    built from the current ``nnx.LoRAParam`` values."""
+    out = {}
+    for path in self.lora_paths:
+      node = self.lora
+      for name in map(_node_name, path.split("/")):
+        node = node[name]
+      out[path] = node.adapter()
+    return out
+
+  def split_lora(self) -> tuple[Any, Any, Any]:
+    """``(graphdef, frozen, trainable)`` of ``base_model`` in the functional
+    API's form: ``jlora.lora(fn)(frozen, trainable, ...)`` and
+    ``jlora.merge(frozen, trainable)`` take the last two."""
+    graphdef, state = nnx.split(self.base_model)
+    pairs, treedef = flatten_with_paths(state)
+    adapters = self.adapters()
+    trainable = treedef.unflatten([adapters.get(path) for path, _ in pairs])
+    return graphdef, state, trainable
+
+  def __call__(self, *args, **kwargs):
+    return self._run("__call__", *args, **kwargs)
+
+  def _run(self, method: str, *args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
+    graphdef, frozen, trainable = self.split_lora()
+    out, updates = _apply(self.bank_dot)(frozen, trainable, graphdef, method, *args,
+                                          lora_dropout_key=lora_dropout_key,
+                                          lora_adapter_ids=lora_adapter_ids, **kwargs)
+    if jax.tree_util.tree_leaves(updates):
+      nnx.update(self.base_model, updates)
+    return out
+
+  def __getattr__(self, name: str) -> Any:
+    # Reached only for names the wrapper lacks: the original's attributes.
+    base = vars(self).get("base_model")
+    if base is None or "__" in name:   # dunders and NNX's own (_pytree__...)
+      raise AttributeError(name)
+    attr = getattr(base, name)
+    if (inspect.ismethod(attr) and attr.__self__ is base and name not in _MODULE_NAMES):
+      return functools.partial(self._run, name)
+    return attr
+
+
+def _key(key: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array | None:
+  if key is not None and rngs is not None:
+    raise LoraSpecError("jlora.nnx.lora takes key= or rngs=, not both")
+  return rngs.params() if rngs is not None else key
+
+
+def _layouts(model: nnx.Module, state: Any, example_args: Sequence[Any] | None,
+             example_kwargs: Mapping[str, Any] | None,
+             layouts: Mapping[str, Layout] | None) -> dict[str, Layout]:
+  """The given layouts over those inferred from the example inputs."""
+  out: dict[str, Layout] = {}
+  if example_args is not None or example_kwargs is not None:
+    graphdef = nnx.graphdef(model)
+    fn = lambda s, *a, **k: _forward(s, graphdef, "__call__", *a, **k)  # noqa: E731
+    out.update(infer_layouts(fn, state, *(example_args or ()), **(example_kwargs or {})))
+  out.update(layouts or {})
+  return out
+
+
+def _check_layouts(pairs, targets: list[int], spec: LoraSpec, layouts: Mapping[str, Layout]):
+  for i in targets:
+    path, leaf = pairs[i]
+    if (spec.layout_override(path) is None and path not in layouts
+        and Layout.default(len(leaf.shape)) is None):
+      raise LoraLayoutError(
+          f"'{path}': cannot tell which axes of this {len(leaf.shape)}-D weight (shape "
+          f"{tuple(leaf.shape)}) the model contracts. Pass example_args=(...) (the "
+          f"model's inputs, read abstractly) or layouts={{path: jlora.Layout(...)}} to "
+          f"jlora.nnx.lora")
+
+
+def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
+         rngs: nnx.Rngs | None = None, example_args: Sequence[Any] | None = None,
+         example_kwargs: Mapping[str, Any] | None = None,
+         layouts: Mapping[str, Layout] | None = None, bank_dot: str = "auto") -> LoraModule:
+  """Adapts an NNX module: a ``LoraModule`` that behaves as ``model`` with
+  each selected weight ``W0 + s B A``.
+
+  ``model`` is not modified. Paths are those of ``nnx.split(model)``'s state
+  as ``jlora.lora_transform`` names them (``layers/0/attn/q_proj/w``).
+
+  Args:
+    model: the module to adapt (its weights may be ``NF4Array`` values, from
+      ``jlora.nnx.quantize``).
+    spec: what to adapt (``jlora.LoraSpec``); ``extra_trainable`` is not
+      supported here.
+    key: PRNG key for A's initialisation (or ``rngs``).
+    rngs: an ``nnx.Rngs``; its ``params`` stream gives the key.
+    example_args: example inputs of ``model(...)`` (arrays or
+      ``jax.ShapeDtypeStruct``; read abstractly), from which
+      ``jlora.infer_layouts`` reads the layout of each multi-axis kernel
+      (``nnx.Einsum``, ``nnx.LinearGeneral``, einsum weights).
+    example_kwargs: keyword inputs of ``model(...)``, with ``example_args``.
+    layouts: path -> ``jlora.Layout``; these win over inferred ones.
+    bank_dot: how a bank of adapters computes a mixed batch (see
+      ``jlora.lora``).
+
+  Returns:
+    The adapted module.
+
+  Raises:
+    LoraLayoutError: a selected weight that is not 2-D has no layout.
+    LoraSpecError: as ``jlora.lora_transform``, and for ``extra_trainable``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, jlora.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["kernel"])
+    >>> m = jlora.nnx.lora(model, spec, rngs=nnx.Rngs(1))
+    >>> m(jnp.ones((3, 8))).shape, m.in_features
+    ((3, 4), 8)
+    >>> lora = nnx.state(m, nnx.LoRAParam)   # the factors: ["lora"]["kernel"]["a"], ["b"]
+    >>> type(lora["lora"]["kernel"]["a"]).__name__, lora["lora"]["kernel"]["a"].shape
+    ('LoRAParam', (8, 2))
+  """
+  if not isinstance(model, nnx.Module):
+    raise LoraSpecError(f"jlora.nnx.lora takes an nnx.Module, got {type(model).__name__}")
+  key = _key(key, rngs)
+  graphdef, state = nnx.split(model)
+  pairs, _ = flatten_with_paths(state)
+  targets, extras = transform.select_targets(pairs, spec)
+  if extras:
+    raise LoraSpecError(
+        f"'{pairs[extras[0]][0]}' matches extra_trainable, which jlora.nnx.lora does not "
+        f"support; adapt it with targets, or use the functional API (jlora.lora_transform)")
+  layouts = _layouts(model, state, example_args, example_kwargs, layouts)
+  _check_layouts(pairs, targets, spec, layouts)
+  frozen, trainable = transform.lora_transform(state, spec, key=key,
+                                               layouts=layouts)
+  t_pairs, _ = flatten_with_paths(trainable, is_leaf=is_adapter)
+  adapters = {path: t for path, t in t_pairs if is_adapter(t)}
+  return LoraModule(nnx.merge(graphdef, frozen), adapters, bank_dot=bank_dot)
+
+
+def merge(model: LoraModule, *, dtype: Any = None) -> nnx.Module:
+  """The plain module of the original class with each adapted weight
+  ``W0 + s B A`` (as ``jlora.merge``; an NF4 W0 is dequantized).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora, jlora.nnx
+    >>> from flax import nnx
+    >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["kernel"])
+    >>> m = jlora.nnx.lora(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), spec, rngs=nnx.Rngs(1))
+    >>> type(jlora.nnx.merge(m)).__name__
+    'Linear'
+  """
+  if not isinstance(model, LoraModule):
+    raise LoraSpecError(f"jlora.nnx.merge takes a LoraModule (from jlora.nnx.lora), got "
+                        f"{type(model).__name__}")
+  graphdef, frozen, trainable = model.split_lora()
+  kwargs = {} if dtype is None else {"dtype": dtype}
+  return nnx.merge(graphdef, _merge(frozen, trainable, **kwargs))
+
+
+def stack(modules: Mapping[str, LoraModule], *, bank_dot: str = "auto") -> LoraModule:
+  """One module with the adapters of several, as a bank (``jlora.stack_adapters``).
+
+  All must adapt the same base (the first one's ``base_model`` is kept).
+  Call it with ``lora_adapter_ids`` (each example's adapter, -1 for the base
+  model), as ``jlora.lora``'s transformed function.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora, jlora.nnx
+    >>> from flax import nnx
+    >>> base = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> spec = jlora.LoraSpec(rank=2, alpha=4, targets=["kernel"])
+    >>> ms = {n: jlora.nnx.lora(base, spec, rngs=nnx.Rngs(i)) for i, n in enumerate("xy")}
+    >>> bank = jlora.nnx.stack(ms)
+    >>> bank(jnp.ones((2, 8)), lora_adapter_ids=jnp.array([0, 1])).shape
+    (2, 4)
+  """
+  if not modules or not all(isinstance(m, LoraModule) for m in modules.values()):
+    raise LoraSpecError("jlora.nnx.stack takes a non-empty mapping of name -> LoraModule")
+  trees = {name: m.split_lora()[2] for name, m in modules.items()}
+  bank = stack_adapters(trees)
+  pairs, _ = flatten_with_paths(bank, is_leaf=is_adapter)
+  first = next(iter(modules.values()))
+  base = nnx.clone(first.base_model)   # its own variables (split/merge would share them)
+  return LoraModule(base, {p: t for p, t in pairs if is_adapter(t)}, bank_dot=bank_dot)
+
+
+def quantize(model: nnx.Module, targets: Any = None, *, block_size: int = 64,
+             double_quant: bool = True, example_args: Sequence[Any] | None = None,
+             example_kwargs: Mapping[str, Any] | None = None,
+             layouts: Mapping[str, Layout] | None = None) -> nnx.Module:
+  """A copy of ``model`` with the selected weights stored in NF4 (as
+  ``jlora.quantize``), to adapt with ``jlora.nnx.lora`` (QLoRA).
+
+  The copy holds ``jlora.NF4Array`` values in its ``nnx.Param`` variables,
+  so it runs only through ``jlora.nnx.lora``'s module, which dequantizes
+  each weight where it is used. Layouts come from ``example_args`` or
+  ``layouts`` as in ``jlora.nnx.lora``.
+
+  Example:
+    >>> import jlora, jlora.nnx
+    >>> from flax import nnx
+    >>> q = jlora.nnx.quantize(nnx.Linear(64, 64, rngs=nnx.Rngs(0)))
+    >>> type(q.kernel.get_value()).__name__
+    'NF4Array'
+  """
+  graphdef, state = nnx.split(model)
+  layouts = _layouts(model, state, example_args, example_kwargs, layouts)
+  return nnx.merge(graphdef, _quantize(state, targets, block_size=block_size,
+                                       double_quant=double_quant, layouts=layouts))
