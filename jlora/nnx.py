@@ -40,8 +40,8 @@ from flax import nnx
 
 from jlora import transform
 from jlora._paths import flatten_with_paths
-from jlora.adapter import array_fields, is_adapter, static_fields
-from jlora.bank import stack_adapters
+from jlora.adapters.adapter import array_fields, is_adapter, static_fields
+from jlora.adapters.bank import stack_adapters
 from jlora.errors import LoraLayoutError, LoraSpecError
 from jlora.interpret import infer_layouts, lora as _lora
 from jlora.layout import Layout

@@ -19,7 +19,7 @@ from flax import nnx
 import jlora
 import jlora.nnx
 from jlora._paths import flatten_with_paths
-from jlora.adapter import is_adapter
+from jlora.adapters.adapter import is_adapter
 import reference as ref
 
 D, N, H = 8, 2, 4
