@@ -13,15 +13,17 @@ batch that mixes adapters; all give each row exactly its adapter's
   matmul, the SGMV of S-LoRA and Punica); no copies. For many short
   examples on accelerators. Where JAX emulates ``ragged_dot`` densely
   (CPU), the ``"masked"`` form runs instead (see ``_runs_grouped``).
-* ``"masked"``: every row through every adapter, one batched matmul per
-  factor, each adapter's rows selected: n times the low-rank FLOPs and an
-  (n, rows, K) copy of the input; for few adapters and few tokens per
-  example (decoding on a CPU).
+* ``"masked"``: every row through every adapter's A (one matmul over the
+  n * r columns of all adapters), each row's own adapter's columns selected,
+  then one matmul with all B's stacked: n times the low-rank FLOPs, but two
+  plain matmuls and no copies; for few adapters and few tokens per example
+  (decoding on a CPU). Its gradient (a custom VJP, so reverse mode only) sums
+  each example's share into its own adapter.
 
 Every way isolates adapters, forward and backward: a row's output, and an
 adapter's gradient, never depend on the values of adapters the row (or, for
 the gradient, the batch) does not use; a NaN in one adapter stays in its own
-rows (see the note above ``_per_adapter``).
+rows (see the note above ``_masked``).
 
 ``"auto"`` picks one from the shapes; ``benchmarks/bench_bank.py`` measures
 them (the numbers and the rule are in ``benchmarks/RESULTS.md``).
@@ -46,7 +48,6 @@ from jlora.layout import Layout
 
 STRATEGIES = ("auto", "gather", "segment", "masked")
 _BATCHED = (((2,), (1,)), ((0,), (0,)))   # (B, T, K) @ (B, K, r)
-_BY_ADAPTER = _BATCHED                     # (n, rows, K) @ (n, K, r)
 
 
 def choose(strategy: str, *, examples: int, rows: int, adapters: int, rank: int,
@@ -338,10 +339,9 @@ def _runs_grouped(platform: str) -> bool:
 
   On a CPU, JAX lowers ``ragged_dot`` to a dense emulation: every group is
   computed on every row (the other groups' rows zeroed) and the groups are
-  summed in one contraction, at ``masked``'s cost (n times the FLOPs and an
-  (n, rows, K) copy); there the isolating ``_per_adapter`` form runs instead,
-  at the same cost. GPUs and TPUs lower it to a grouped-matmul instruction
-  whose padding is the backend's business; ``_grouped`` hands it finite
+  summed in one contraction (n times the FLOPs and an (n, rows, K) copy);
+  there ``_masked`` (the same FLOPs, no copy, isolating) runs instead. GPUs and TPUs lower it to a grouped-matmul instruction whose
+  padding is the backend's business; ``_grouped`` hands it finite
   values only, so that whatever it pads adds exact zeros.
   """
   return platform != "cpu"
