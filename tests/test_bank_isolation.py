@@ -76,12 +76,31 @@ def _banks(poison, only=None):
 def strategy(request, monkeypatch):
   how = request.param
   if how == "grouped":    # the ragged_dot form accelerators run, on this CPU
-    monkeypatch.setattr(bank_term, "_runs_grouped", lambda platform: True)
+    monkeypatch.setattr(bank_term, "_runs_grouped", _always_grouped)
     return "segment"
   return how
 
 
-def _step_fn(bank_dot, frozen, bank):
+def _always_grouped(platform):
+  return True
+
+
+# One training step per strategy, way of grouping and bank structure, shared by
+# the tests (a poison is a value, not a structure): each is traced and, under
+# jit, compiled once, instead of once per poison.
+_STEPS: dict = {}
+
+
+def _step_fn(bank_dot, frozen, bank, jit=False):
+  key = (bank_dot, bank_term._runs_grouped, jax.tree_util.tree_structure(bank), id(frozen),
+         jit)
+  if key not in _STEPS:
+    step, tx = _new_step_fn(bank_dot, frozen, bank)
+    _STEPS[key] = (maybe_jit(step, jit), tx)
+  return _STEPS[key]
+
+
+def _new_step_fn(bank_dot, frozen, bank):
   apply = jlora.lora(_fn, bank_dot=bank_dot)
   tx = jlora.optimizer(optax.adam(1e-2), bank)
 
@@ -108,8 +127,8 @@ def test_a_broken_adapter_changes_nothing_for_the_others(strategy, poison, jit, 
   frozen, x, full, clean = _banks(poison, only)
   outs = {}
   for name, bank, ids in (("full", full, IDS), ("clean", clean, CLEAN_IDS)):
-    step, tx = _step_fn(strategy, frozen, bank)
-    outs[name] = maybe_jit(step, jit)(bank, tx.init(bank), x, jnp.asarray(ids))
+    step, tx = _step_fn(strategy, frozen, bank, jit)
+    outs[name] = step(bank, tx.init(bank), x, jnp.asarray(ids))
   (y_full, new_full), (y_clean, new_clean) = outs["full"], outs["clean"]
   assert bool(jnp.isfinite(y_clean).all())
   for row in HEALTHY_ROWS:     # other adapters' rows and the base model's row
@@ -132,10 +151,10 @@ def test_an_adapter_broken_at_the_last_weight_only(strategy):
 def test_a_broken_adapter_no_example_uses_takes_no_step(strategy):
   frozen, x, full, clean = _banks("nan")
   unused, clean_ids = [1, 2, -1, 2, 1], [0, 1, -1, 1, 0]
-  step, tx = _step_fn(strategy, frozen, full)
-  y, new = jax.jit(step)(full, tx.init(full), x, jnp.asarray(unused))
-  step_c, tx_c = _step_fn(strategy, frozen, clean)
-  y_c, new_c = jax.jit(step_c)(clean, tx_c.init(clean), x, jnp.asarray(clean_ids))
+  step, tx = _step_fn(strategy, frozen, full, jit=True)
+  y, new = step(full, tx.init(full), x, jnp.asarray(unused))
+  step_c, tx_c = _step_fn(strategy, frozen, clean, jit=True)
+  y_c, new_c = step_c(clean, tx_c.init(clean), x, jnp.asarray(clean_ids))
   _assert_bits_equal(y, y_c, "outputs")
   for name in ("good0", "good1"):
     for g, w in zip(jax.tree_util.tree_leaves(jlora.select_adapter(new, name)),
