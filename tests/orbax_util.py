@@ -108,8 +108,8 @@ class Worker:
                     f"{what}: {self.lines} {self.log.read_text()[-3000:]}")
       time.sleep(0.002)
 
-  def printed(self, prefix):
-    return any(line.startswith(prefix) for line in self.lines)
+  def printed(self, prefix, times=1):
+    return sum(line.startswith(prefix) for line in self.lines) >= times
 
   def kill(self):
     if self.proc.poll() is None:

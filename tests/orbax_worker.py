@@ -1,13 +1,15 @@
 """Training problem shared by the orbax tests and their subprocesses.
 
-Run as a script, it does one thing in a fresh process (the tests kill it or
-check what it leaves behind):
+Run as a script, it does one thing, or several in turn (``MODE DIR [MODE DIR ...]``:
+each new Python that imports JAX and orbax costs seconds), in a fresh process
+(the tests kill it or check what it leaves behind):
 
   resume DIR            restore DIR's latest step, train to step 10, save step 10
   mesh8 DIR             save on an 8-device mesh, restore onto another (needs XLA_FLAGS)
-  hang_manager DIR      save step 1, then step 2 stopping between orbax's temporary
-                        write and its finalize (the rename)
-  hang_adapter AD       save adapter AD, then overwrite it, stopping likewise
+  hang_both DIR,AD      a manager in DIR saves step 1, then step 2 stopping between
+                        orbax's temporary write and its finalize (the rename), in its
+                        background thread; meanwhile adapter AD is saved, then
+                        overwritten, stopping likewise (two FINALIZE lines)
   big_save DIR          save step 1, then a large step 2 (the test kills it mid-write)
   no_close DIR          start an async save of a large step 1 and exit normally, without
                         waiting for it or closing the manager
@@ -156,21 +158,15 @@ def _stop_before_finalize():
   atomicity.AtomicRenameTemporaryPath.finalize = hang
 
 
-def _hang_manager(directory):
+def _hang_both(dirs):
+  directory, adapter_dir = dirs.split(",")
   _, frozen, trainable, tx, opt_state = problem()
   mngr = jlora.orbax.CheckpointManager(directory, base=frozen, spec=SPEC)
   mngr.save(1, shifted(trainable, 1.0), opt_state)
   mngr.wait_until_finished()
-  _stop_before_finalize()
-  mngr.save(2, shifted(trainable, 2.0), opt_state)   # finalizes in a background thread
-  mngr.wait_until_finished()
-  print("NOT REACHED", flush=True)
-
-
-def _hang_adapter(adapter_dir):
-  _, frozen, trainable, tx, opt_state = problem()
   jlora.orbax.save(adapter_dir, shifted(trainable, 1.0), SPEC, base=frozen)
   _stop_before_finalize()
+  mngr.save(2, shifted(trainable, 2.0), opt_state)   # stops in its background thread
   jlora.orbax.save(adapter_dir, shifted(trainable, 2.0), SPEC, base=frozen, overwrite=True)
   print("NOT REACHED", flush=True)
 
@@ -197,6 +193,8 @@ def _no_close(directory):
 
 
 if __name__ == "__main__":
-  mode, *rest = sys.argv[1:]
-  {"resume": _resume, "mesh8": _mesh8, "hang_manager": _hang_manager,
-   "hang_adapter": _hang_adapter, "big_save": _big_save, "no_close": _no_close}[mode](*rest)
+  args = sys.argv[1:]
+  modes = {"resume": _resume, "mesh8": _mesh8, "hang_both": _hang_both, "big_save": _big_save,
+           "no_close": _no_close}
+  for mode, directory in zip(args[::2], args[1::2]):
+    modes[mode](directory)

@@ -425,6 +425,15 @@ for name, write in writers:
 """
 
 
+def _script(z: Zygote, code: str, *argv) -> subprocess.CompletedProcess:
+  """``python -c code argv...`` as a child forked from a zygote (a new
+  interpreter would spend seconds importing JAX and orbax again)."""
+  stdout = z.scratch / f"o-{uuid.uuid4().hex[:8]}"
+  out = z(op="script", code=code, argv=[str(a) for a in argv], stdout=str(stdout))
+  return subprocess.CompletedProcess(argv, 0 if not out["killed"] else -9,
+                                     stdout.read_text(), out["stderr"])
+
+
 @pytest.fixture
 def open_tmp():
   """A temporary directory others may enter (pytest's are private to their owner)."""
@@ -435,14 +444,11 @@ def open_tmp():
   shutil.rmtree(d, ignore_errors=True)
 
 
-def test_permission_denied_gives_one_line_and_leaves_nothing(open_tmp):
+def test_permission_denied_gives_one_line_and_leaves_nothing(zygotes, open_tmp):
   locked = open_tmp / "locked"
   locked.mkdir()
   locked.chmod(0o755 if os.geteuid() == 0 else 0o555)   # not writable for the writer
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
-      [str(WORKER.parent), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
-  proc = subprocess.run([sys.executable, "-c", _DENIED, str(locked)], capture_output=True,
-                        text=True, env=env, timeout=300)
+  proc = _script(zygotes[0], _DENIED, locked)
   lines = proc.stdout.strip().splitlines()
   log("\n== permission denied\n  " + "\n  ".join(lines))
   assert len(lines) == 6 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -485,16 +491,13 @@ for name, read in readers:
 """
 
 
-def test_an_adapter_in_a_directory_one_cannot_read_gives_one_line(open_tmp):
+def test_an_adapter_in_a_directory_one_cannot_read_gives_one_line(zygotes, open_tmp):
   """Loading from a directory the user may not read (orbax, PEFT, a PEFT bank):
   one line naming the directory, not a raw PermissionError or a wrong 'has no
   adapter_config.json'."""
   if os.geteuid() != 0:
     pytest.skip("needs root, to write as root and read as nobody")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
-      [str(WORKER.parent), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
-  proc = subprocess.run([sys.executable, "-c", _DENIED_READ, str(open_tmp)], capture_output=True,
-                        text=True, env=env, timeout=300)
+  proc = _script(zygotes[0], _DENIED_READ, open_tmp)
   lines = proc.stdout.strip().splitlines()
   log("\n== permission denied, reading\n  " + "\n  ".join(lines))
   assert len(lines) == 3 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

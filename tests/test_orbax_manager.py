@@ -79,45 +79,59 @@ def test_manager_with_stateless_optimizer_and_base_check(tmp_path):
       mngr.restore(opt_state=opt_state)
 
 
-def test_resume_in_a_new_process_is_bit_exact(tmp_path):
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory):
+  """One new process doing the work of three tests in turn (a new Python that
+  imports JAX and orbax costs seconds): resume, mesh8, then no_close, which
+  exits with its save unfinished. Returns (directory of each, its output, the
+  resumed run's step-5 state)."""
+  tmp = tmp_path_factory.mktemp("fresh")
+  dirs = {mode: tmp / mode for mode in ("resume", "mesh8", "no_close")}
+  _, frozen, trainable0, tx, opt_state0 = cw.problem()
+  half = cw.train(cw.make_step(frozen, tx), trainable0, opt_state0, 0, 5)
+  with jlora.orbax.CheckpointManager(dirs["resume"], base=frozen, spec=cw.SPEC) as mngr:
+    mngr.save(5, *half)
+  # mesh8 needs 8 devices. Appended to the session's flags: the worker must
+  # compile as this process does, or its random initial factors may round
+  # differently and the trees differ (and resume's steps must be bit-exact).
+  env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                       + " --xla_force_host_platform_device_count=8").strip()}
+  out = run_worker(*(x for mode, d in dirs.items() for x in (mode, d)), **env)
+  return dirs, out, half
+
+
+def test_resume_in_a_new_process_is_bit_exact(fresh_process):
+  dirs, out, half = fresh_process
   _, frozen, trainable0, tx, opt_state0 = cw.problem()
   step_fn = cw.make_step(frozen, tx)
   straight = cw.train(step_fn, trainable0, opt_state0, 0, 10)
-  half = cw.train(step_fn, trainable0, opt_state0, 0, 5)
-  with jlora.orbax.CheckpointManager(tmp_path, base=frozen, spec=cw.SPEC) as mngr:
-    mngr.save(5, *half)
-  assert "RESUMED" in run_worker("resume", tmp_path)   # restores 5, trains 5 more, saves 10
-  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:
+  assert "RESUMED" in out   # restored 5, trained 5 more, saved 10
+  with jlora.orbax.CheckpointManager(dirs["resume"], base=frozen) as mngr:
     resumed = mngr.restore(10, opt_state=opt_state0)
   assert resumed.step == 10
   assert_trees_equal((resumed.trainable, resumed.opt_state), straight)
   assert not np.array_equal(straight[0]["l1"]["kernel"].b, half[0]["l1"]["kernel"].b)
 
 
-def test_restore_onto_other_shardings_with_8_devices(tmp_path):
-  # Appended to the session's flags: the worker must compile as this process does,
-  # or its random initial factors may round differently and the trees differ.
-  env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
-                       + " --xla_force_host_platform_device_count=8").strip()}
-  assert "MESH8 OK" in run_worker("mesh8", tmp_path, **env)
+def test_restore_onto_other_shardings_with_8_devices(fresh_process):
+  dirs, out, _ = fresh_process
+  assert "MESH8 OK" in out
   # The same checkpoint, written from 8 devices, restores here on one.
   _, frozen, trainable, tx, opt_state = cw.problem()
-  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:
+  with jlora.orbax.CheckpointManager(dirs["mesh8"], base=frozen) as mngr:
     got = mngr.restore(3, opt_state=jlora.optimizer(optax.adam(1e-2), trainable).init(trainable))
   assert_trees_equal(got.trainable, cw.shifted(trainable, 0.5))
   assert all(len(x.devices()) == 1 for x in jax.tree.leaves((got.trainable, got.opt_state)))
 
 
-
 def test_killed_between_write_and_finalize_keeps_the_last_checkpoint(tmp_path):
   ckpt, adapter = tmp_path / "ckpt", tmp_path / "adapter"
-  workers = [Worker(tmp_path, "hang_manager", ckpt), Worker(tmp_path, "hang_adapter", adapter)]
+  # One process: the manager's save stops in its background thread, the adapter's in the main one.
+  worker = Worker(tmp_path, "hang_both", f"{ckpt},{adapter}")
   try:
-    for w in workers:
-      w.wait_for(lambda: w.printed("FINALIZE"), "the save reached finalize")
+    worker.wait_for(lambda: worker.printed("FINALIZE", times=2), "both saves reached finalize")
   finally:
-    for w in workers:
-      w.kill()
+    worker.kill()
   assert (ckpt / "2.orbax-checkpoint-tmp" / "opt_state").is_dir()   # written, not finalized
   _, frozen, trainable, tx, opt_state = cw.problem()
   step1 = cw.shifted(trainable, 1.0)
@@ -175,13 +189,13 @@ def test_saving_an_existing_or_older_step_raises_or_overwrites(tmp_path):
     assert_trees_equal(got.trainable, cw.shifted(trainable, 3.0))
 
 
-def test_an_async_save_is_finished_at_exit_without_close(tmp_path):
+def test_an_async_save_is_finished_at_exit_without_close(fresh_process):
   """Issue 10 item 4: a program that exits normally without close() keeps its
   last checkpoint."""
-  out = run_worker("no_close", tmp_path)
+  dirs, out, _ = fresh_process
   assert "STARTED" in out
   _, frozen, trainable, tx, opt_state = cw.problem()
-  with jlora.orbax.CheckpointManager(tmp_path, base=frozen) as mngr:
+  with jlora.orbax.CheckpointManager(dirs["no_close"], base=frozen) as mngr:
     assert mngr.all_steps() == [1]
     big = (opt_state, np.zeros((1024, 1024), np.float32))
     got = mngr.restore(opt_state=big)
