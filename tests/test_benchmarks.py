@@ -38,9 +38,10 @@ for script, out, *args in json.loads(sys.argv[1]):
   sys.argv = [script, *args, "--json", out]
   try:
     runpy.run_path(script, run_name="__main__")
-  except BaseException:
-    with open(out + ".err", "w") as f:
-      f.write(traceback.format_exc())
+  except BaseException as e:
+    if not (isinstance(e, SystemExit) and e.code in (0, None)):
+      with open(out + ".err", "w") as f:
+        f.write(traceback.format_exc())
 """
 
 
