@@ -57,10 +57,12 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def quick(cls) -> "ModelConfig":
+    def quick(cls, n_layers: int = 1) -> "ModelConfig":
         # Tiny, for smoke tests. Dims chosen pairwise distinct (48, 192, 256,
-        # 32) so a weight's shape identifies it in HLO.
-        return cls(d_model=48, n_layers=2, n_heads=4, seq_len=32, batch=4)
+        # 32) so a weight's shape identifies it in HLO. One block by default:
+        # the scripts' --quick runs are mostly XLA compiling, and each block
+        # adds the same ops again (a second one made them ~1.4x as long).
+        return cls(d_model=48, n_layers=n_layers, n_heads=4, seq_len=32, batch=4)
 
     def proj_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection kernel."""

@@ -209,10 +209,16 @@ class JaxSession:
         res["compile_s"] = time.perf_counter() - t
         # The dW0 check reads shapes, so it needs a token count unlike every
         # weight dim: at batch 8 x 256 = 2048 = d_mlp an input gradient of `up`
-        # has the shape of `down`'s kernel. The check lowers the same step on a
-        # batch with one sequence fewer; what XLA computes does not depend on it.
-        probe_hlo = jax.jit(setup.step, donate_argnums=0).lower(
-            self.state, self.frozen, self.xs[0][:-1], self.ys[0][:-1]).compile().as_text()
+        # has the shape of `down`'s kernel. The check then lowers the same step
+        # on a batch with one sequence fewer; what XLA computes does not depend
+        # on it. A batch whose sizes are no weight dim (--quick) is read as is.
+        batch, seq = ctx.xs.shape[1:]
+        weight_dims = {d for shape in ctx.frozen_shapes() for d in shape}
+        if weight_dims & {batch, seq, batch * seq}:
+            probe_hlo = jax.jit(setup.step, donate_argnums=0).lower(
+                self.state, self.frozen, self.xs[0][:-1], self.ys[0][:-1]).compile().as_text()
+        else:
+            probe_hlo = self.compiled.as_text()
         dots = find_dense_w0_dots(probe_hlo, ctx.frozen_shapes(), ctx.lcfg.rank)
         res["dense_w0_grad"] = bool(dots)
         res["dense_w0_dots"] = dots[:8]

@@ -21,7 +21,11 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "accele
 def _run(tmp_path, *args, timeout=600):
   out = tmp_path / "acc.json"
   # No timing is judged here: LLVM's lowest optimisation level halves the compiles.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  # Appended, so the suite's other fast-compile flags (tests/conftest.py) stay.
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_backend_optimization_level" not in flags:
+    flags += " --xla_backend_optimization_level=0"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
   proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
   return proc, json.loads(out.read_text())
