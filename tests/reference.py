@@ -42,12 +42,16 @@ def perturb(trainable, seed, scale=0.3):
   """A copy of ``trainable`` with every B (and every extra leaf) made non-zero."""
   leaves, treedef = jax.tree_util.tree_flatten(trainable, is_leaf=is_lora_param)
   out = []
+  # In NumPy: an eager jnp add or cast would compile once per leaf shape.
+  noise = lambda shape, scale, i: (  # noqa: E731
+      scale * np.random.default_rng(seed * 1000 + i).standard_normal(shape)).astype(np.float32)
   for i, leaf in enumerate(leaves):
     if is_lora_param(leaf):
-      b = normal(leaf.b.shape, scale, seed=seed * 1000 + i)
-      out.append(dataclasses.replace(leaf, b=b.astype(leaf.b.dtype)))
+      b = noise(leaf.b.shape, scale, i).astype(leaf.b.dtype)
+      out.append(dataclasses.replace(leaf, b=jnp.asarray(b)))
     else:
-      out.append((leaf + normal(leaf.shape, 0.1, seed=seed * 1000 + i)).astype(leaf.dtype))
+      moved = (np.asarray(leaf) + noise(leaf.shape, 0.1, i)).astype(leaf.dtype)
+      out.append(jnp.asarray(moved))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
