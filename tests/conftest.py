@@ -5,12 +5,14 @@ Two settings, made here before any test imports JAX, and inherited through the
 environment by pytest-xdist workers and by the subprocesses tests start (the
 failure-injection zygotes, the multi-process workers, the benchmark scripts):
 
-* ``--xla_backend_optimization_level=0 --xla_cpu_use_xnnpack=false``: XLA
-  still runs its HLO passes (fusion, layout, the dot rewrites that the HLO
-  tests read), but LLVM compiles the kernels without optimising them, and dots
-  are not handed to XNNPACK, whose fusions take long to compile. The tests'
+* ``--xla_backend_optimization_level=0 --xla_cpu_use_xnnpack=false
+  --xla_cpu_use_fusion_emitters=false``: XLA still runs its HLO passes
+  (fusion, layout, the dot rewrites that the HLO tests read), but LLVM
+  compiles the kernels without optimising them, dots are not handed to
+  XNNPACK (whose fusions take long to compile), and fusions are emitted
+  straight to LLVM IR rather than through XLA's MLIR emitters. The tests'
   models are tiny, so the slower kernels cost far less than the compiling did
-  (a sample of small programs compiled in under half the time). The benchmark
+  (a sample of small programs compiled in about a third of the CPU time). The benchmark
   scripts' quick runs in tests/test_benchmarks.py inherit these flags; the
   example (run by .ci/run) and the documentation's code blocks
   (tests/test_readme.py drops XLA_FLAGS) keep XLA's defaults, as a user has them.
@@ -36,7 +38,8 @@ def _configure_environment() -> None:
   if os.environ.get("JLORA_TEST_XLA_DEFAULTS") != "1":
     flags = os.environ.get("XLA_FLAGS", "")
     for flag, value in (("xla_backend_optimization_level", "0"),
-                        ("xla_cpu_use_xnnpack", "false")):
+                        ("xla_cpu_use_xnnpack", "false"),
+                        ("xla_cpu_use_fusion_emitters", "false")):
       if flag not in flags:
         flags = f"{flags} --{flag}={value}"
     os.environ["XLA_FLAGS"] = flags.strip()

@@ -13,15 +13,17 @@ batch that mixes adapters; all give each row exactly its adapter's
   matmul, the SGMV of S-LoRA and Punica); no copies. For many short
   examples on accelerators. Where JAX emulates ``ragged_dot`` densely
   (CPU), the ``"masked"`` form runs instead (see ``_runs_grouped``).
-* ``"masked"``: every row through every adapter, one batched matmul per
-  factor, each adapter's rows selected: n times the low-rank FLOPs and an
-  (n, rows, K) copy of the input; for few adapters and few tokens per
-  example (decoding on a CPU).
+* ``"masked"``: every row through every adapter's A (one matmul over the
+  n * r columns of all adapters), each row's own adapter's columns selected,
+  then one matmul with all B's stacked: n times the low-rank FLOPs, but two
+  plain matmuls and no copies; for few adapters and few tokens per example
+  (decoding on a CPU). Its gradient (a custom VJP, so reverse mode only) sums
+  each example's share into its own adapter.
 
 Every way isolates adapters, forward and backward: a row's output, and an
 adapter's gradient, never depend on the values of adapters the row (or, for
 the gradient, the batch) does not use; a NaN in one adapter stays in its own
-rows (see the note above ``_per_adapter``).
+rows (see the note above ``_masked``).
 
 ``"auto"`` picks one from the shapes; ``benchmarks/bench_bank.py`` measures
 them (the numbers and the rule are in ``benchmarks/RESULTS.md``).
@@ -30,6 +32,7 @@ them (the numbers and the rule are in ``benchmarks/RESULTS.md``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -45,7 +48,6 @@ from jlora.layout import Layout
 
 STRATEGIES = ("auto", "gather", "segment", "masked")
 _BATCHED = (((2,), (1,)), ((0,), (0,)))   # (B, T, K) @ (B, K, r)
-_BY_ADAPTER = _BATCHED                     # (n, rows, K) @ (n, K, r)
 
 
 def choose(strategy: str, *, examples: int, rows: int, adapters: int, rank: int,
@@ -161,9 +163,10 @@ class BankTerm(values.AdapterTerm):
       low = lax.dot_general(xa, b_ex, _BATCHED, dot.precision, pet)
       low = (low * weight[:, None, None].astype(low.dtype)).reshape(rows, -1)
     elif how == "masked":
-      low = _per_adapter(x, a, b, jnp.repeat(index, per_row), jnp.repeat(valid, per_row),
-                         dot.precision, pet)
-      low = low * jnp.repeat(weight, per_row)[:, None].astype(low.dtype)
+      bad = jnp.repeat((ids < -1) | (ids >= n), per_row)
+      low = _masked(x, a, b, jnp.repeat(index, per_row), jnp.repeat(valid, per_row), bad,
+                    jnp.asarray(self.scales, a.dtype), examples, dot.precision, pet)
+      return y + low.astype(y.dtype)
     elif how == "segment":
       low = _grouped(x, a, b, jnp.repeat(index, per_row), jnp.repeat(valid, per_row),
                      dot.precision, pet)
@@ -231,29 +234,104 @@ def _nan_out_of_range(low: jax.Array, ids: jax.Array, n: int, per_row: int = 0) 
 
 # Isolation. Each row must get exactly its own adapter's product, and each
 # adapter's gradient exactly its own rows' share, whatever values (NaN, Inf,
-# 1e30) the other adapters hold. A product masked by multiplication is not
-# isolated (0 * NaN = NaN), and neither is a matmul whose contraction runs over
-# several adapters (one adapter's Inf meets the zeros of another's rows). So
-# every value that reaches adapter k is selected (``jnp.where``) to k's rows:
-# its input, its rank-r intermediate and its output. In the backward pass the
-# same selects zero the cotangents of the other rows exactly, so the cotangent
-# reaching x from adapter k, and k's gradient, involve k's rows alone.
+# 1e30) the other adapters hold, bit for bit as in a bank without them. A
+# product masked by multiplication is not isolated (0 * NaN = NaN), and a
+# matmul over several adapters' columns is only where every term of the
+# others is an exact zero: finite factors times selected zeros. ``_masked``
+# keeps the two plain matmuls of all adapters side by side (n * r columns):
+# a non-finite adapter's factors enter as zeros, with a NaN scale so that its
+# own rows are NaN, and each row's rank-r intermediate (forward) and its
+# cotangent (backward) are selected (``jnp.where``) to its own adapter's
+# columns. The factors' gradients, whose contraction runs over rows, are
+# computed per example on its own adapter's columns and summed into that
+# adapter (a custom VJP): a row never meets another adapter's terms there,
+# so a NaN input or cotangent (an adapter broken at another weight) stays in
+# its own adapter's gradient, and XLA:CPU, whose reduction order over rows
+# depends on the matmul's other dimensions, sums each adapter's gradient
+# alike whatever the number of adapters.
 
 
-def _per_adapter(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
-                 row_valid: jax.Array, precision: Any, pet: Any) -> jax.Array:
-  """Every row through every adapter, one batched matmul per factor, each
-  adapter's input, intermediate and output selected to its own rows (n times
-  the low-rank FLOPs and an (n, rows, K) copy of x: for short examples)."""
-  n = a.shape[0]
-  sel = ((row_index[None, :] == jnp.arange(n, dtype=row_index.dtype)[:, None])
-         & row_valid[None, :])[:, :, None]                                  # (n, rows, 1)
+def _transposed(t: jax.Array) -> jax.Array:
+  # A transposed copy the dot cannot fold back in: XLA:CPU then runs the
+  # canonical kernel, whose order of summation does not move with n.
+  return lax.optimization_barrier(t.T)
+
+
+def _own_columns(t: jax.Array, row_index: jax.Array, n: int) -> jax.Array:
+  """(rows, n * r) -> (rows, r): each row's own adapter's columns."""
+  t = t.reshape(t.shape[0], n, -1)
+  return jnp.take_along_axis(t, row_index[:, None, None], axis=1)[:, 0]
+
+
+_PER_EXAMPLE = (((1,), (1,)), ((0,), (0,)))   # (E, T, P) x (E, T, Q) -> (E, P, Q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _masked_matmuls(x: jax.Array, a_all: jax.Array, b_all: jax.Array, sel: jax.Array,
+                    col_scale: jax.Array, row_index: jax.Array, row_fill: jax.Array,
+                    examples: int, n: int, precision: Any, pet: Any) -> jax.Array:
+  return _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, row_fill, examples, n,
+                     precision, pet)[0]
+
+
+def _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, row_fill, examples, n,
+                precision, pet):
+  xa = dot_lib.matmul(x, a_all, precision, pet)
+  xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
+  low = dot_lib.matmul(jnp.where(row_fill[:, None], jnp.full((), jnp.nan, xa.dtype), xa),
+                       b_all, precision, pet)
+  return low, (x, a_all, b_all, sel, col_scale, row_index, xa)
+
+
+def _masked_bwd(examples, n, precision, pet, res, g):
+  x, a_all, b_all, sel, col_scale, row_index, xa = res
+  rows, r = x.shape[0], b_all.shape[0] // n
+  per = rows // examples
+  # To x: both matmuls over all adapters, the cotangent selected to each row's
+  # own adapter's columns (the others' terms: exact zeros times finite factors).
+  dxa = dot_lib.matmul(g, _transposed(b_all), precision, pet)
+  dxa = jnp.where(sel, dxa * col_scale.astype(dxa.dtype), jnp.zeros((), dxa.dtype))
+  dx = dot_lib.matmul(dxa, _transposed(a_all), precision, pet).astype(x.dtype)
+  # To the factors: per example, on its own adapter's columns, added into that
+  # adapter (examples without one, -1 or out of range, are dropped).
+  valid = jnp.any(sel, axis=1).reshape(examples, per)[:, 0]
+  ex_index = jnp.where(valid, row_index.reshape(examples, per)[:, 0], n)
+  dxa_own = _own_columns(dxa, row_index, n).reshape(examples, per, r)
+  xa_own = _own_columns(xa, row_index, n).reshape(examples, per, r)
+  da_ex = lax.dot_general(x.reshape(examples, per, -1), dxa_own, _PER_EXAMPLE, precision, pet)
+  db_ex = lax.dot_general(xa_own, g.reshape(examples, per, -1), _PER_EXAMPLE, precision, pet)
+  da = jnp.zeros((n,) + da_ex.shape[1:], da_ex.dtype).at[ex_index].add(da_ex, mode="drop")
+  db = jnp.zeros((n,) + db_ex.shape[1:], db_ex.dtype).at[ex_index].add(db_ex, mode="drop")
+  da = axes_lib.transpose(da, (1, 0, 2)).reshape(a_all.shape)
+  return (dx, da.astype(a_all.dtype), db.reshape(b_all.shape).astype(b_all.dtype),
+          None, None, None, None)
+
+
+_masked_matmuls.defvjp(_masked_fwd, _masked_bwd)
+
+
+def _masked(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
+            row_valid: jax.Array, row_bad: jax.Array, scales: jax.Array, examples: int,
+            precision: Any, pet: Any) -> jax.Array:
+  """Every row through every adapter's A (one matmul over n * r columns), its
+  own adapter's columns selected and scaled, then one matmul with all B's
+  stacked: n times the low-rank FLOPs, no copies (for short examples).
+
+  An adapter whose factors are not all finite enters as zeros with a NaN
+  scale (its own rows are NaN, its gradient zero); rows with ``row_bad`` (ids
+  out of range) are NaN.
+  """
+  n, k, r = a.shape
+  finite = lambda t: jnp.all(jnp.isfinite(t), axis=(1, 2))  # noqa: E731
+  ok = finite(a) & finite(b)                                                  # (n,)
   zero = jnp.zeros((), a.dtype)
-  xs = jnp.where(sel, x[None], zero)                                        # (n, rows, K)
-  xa = jnp.where(sel, lax.dot_general(xs, a, _BY_ADAPTER, precision, pet), zero)
-  low = lax.dot_general(xa, b, _BY_ADAPTER, precision, pet)                 # (n, rows, N)
-  # One non-zero term per row: the sum adds exact zeros.
-  return jnp.where(sel, low, jnp.zeros((), low.dtype)).sum(axis=0)
+  a_all = axes_lib.transpose(jnp.where(ok[:, None, None], a, zero), (1, 0, 2)).reshape(k, n * r)
+  b_all = jnp.where(ok[:, None, None], b, zero).reshape(n * r, -1)
+  col_scale = jnp.repeat(jnp.where(ok, scales, jnp.full((), jnp.nan, scales.dtype)), r)
+  col_adapter = jnp.repeat(jnp.arange(n, dtype=row_index.dtype), r)
+  sel = (row_index[:, None] == col_adapter[None, :]) & row_valid[:, None]    # (rows, n * r)
+  return _masked_matmuls(x, a_all, b_all, sel, col_scale, row_index, row_bad, examples, n,
+                         precision, pet)
 
 
 def _runs_grouped(platform: str) -> bool:
@@ -261,10 +339,9 @@ def _runs_grouped(platform: str) -> bool:
 
   On a CPU, JAX lowers ``ragged_dot`` to a dense emulation: every group is
   computed on every row (the other groups' rows zeroed) and the groups are
-  summed in one contraction, at ``masked``'s cost (n times the FLOPs and an
-  (n, rows, K) copy); there the isolating ``_per_adapter`` form runs instead,
-  at the same cost. GPUs and TPUs lower it to a grouped-matmul instruction
-  whose padding is the backend's business; ``_grouped`` hands it finite
+  summed in one contraction (n times the FLOPs and an (n, rows, K) copy);
+  there ``_masked`` (the same FLOPs, no copy, isolating) runs instead. GPUs and TPUs lower it to a grouped-matmul instruction whose
+  padding is the backend's business; ``_grouped`` hands it finite
   values only, so that whatever it pads adds exact zeros.
   """
   return platform != "cpu"
