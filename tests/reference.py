@@ -42,12 +42,16 @@ def perturb(trainable, seed, scale=0.3):
   """A copy of ``trainable`` with every B (and every extra leaf) made non-zero."""
   leaves, treedef = jax.tree_util.tree_flatten(trainable, is_leaf=is_lora_param)
   out = []
+  # In NumPy: an eager jnp add or cast would compile once per leaf shape.
+  noise = lambda shape, scale, i: (  # noqa: E731
+      scale * np.random.default_rng(seed * 1000 + i).standard_normal(shape)).astype(np.float32)
   for i, leaf in enumerate(leaves):
     if is_lora_param(leaf):
-      b = normal(leaf.b.shape, scale, seed=seed * 1000 + i)
-      out.append(dataclasses.replace(leaf, b=b.astype(leaf.b.dtype)))
+      b = noise(leaf.b.shape, scale, i).astype(leaf.b.dtype)
+      out.append(dataclasses.replace(leaf, b=jnp.asarray(b)))
     else:
-      out.append((leaf + normal(leaf.shape, 0.1, seed=seed * 1000 + i)).astype(leaf.dtype))
+      moved = (np.asarray(leaf) + noise(leaf.shape, 0.1, i)).astype(leaf.dtype)
+      out.append(jnp.asarray(moved))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -64,8 +68,15 @@ def loss_of(y):
   return total
 
 
+def _f32(x):
+  """``x`` as a float32 NumPy array (bf16 converts exactly)."""
+  return np.asarray(x).astype(np.float32)
+
+
+# The comparisons below run in NumPy: each eager jnp op would compile once
+# per new shape, for every output and gradient leaf a test compares.
 def max_abs_diff(x, y):
-  return float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+  return float(np.max(np.abs(_f32(x) - _f32(y))))
 
 
 def assert_close_forward(got, want, atol=F32_FWD_ATOL):
@@ -84,7 +95,7 @@ def assert_close_grads(got, want, rtol=F32_GRAD_RTOL):
   assert got_def == want_def, (got_def, want_def)
   assert got_p, "no gradient leaves to compare"
   for (path, g), (_, w) in zip(got_p, want_p):
-    scale = float(jnp.max(jnp.abs(w)))
+    scale = float(np.max(np.abs(_f32(w))))
     err = max_abs_diff(g, w)
     assert err <= rtol * scale + 1e-7, (
         f"{jax.tree_util.keystr(path)}: max abs diff {err:.3g}, max |grad| {scale:.3g}")
@@ -92,20 +103,30 @@ def assert_close_grads(got, want, rtol=F32_GRAD_RTOL):
 
 def assert_grads_nonzero(grads):
   for leaf in jax.tree_util.tree_leaves(grads):
-    assert float(jnp.max(jnp.abs(leaf))) > 0.0
+    assert float(np.max(np.abs(_f32(leaf)))) > 0.0
+
+
+# loss_of as one program per output shape: run eagerly (the reference's loss,
+# and the loss of an eagerly run transform), its ops would compile one by one
+# for every new shape. Under an outer jit it is inlined.
+_loss_of_jit = jax.jit(loss_of)
 
 
 def value_and_grad_of(f):
   """(loss, output), d loss / d t of ``loss_of(f(t, *args))``: one trace for both."""
   def loss_and_out(t, *args):
     y = f(t, *args)
-    return loss_of(y), y
+    return _loss_of_jit(y), y
   return jax.value_and_grad(loss_and_out, has_aux=True)
+
+
+def _merged_fn(fn, frozen):
+  return lambda t, *a: fn(jlora.merge(frozen, t), *a)
 
 
 def merged_reference(fn, frozen, trainable, args, grads=True):
   """(output, d loss / d trainable) of ``fn(jlora.merge(frozen, t), *args)``, under jit."""
-  merged_fn = lambda t, *a: fn(jlora.merge(frozen, t), *a)
+  merged_fn = _merged_fn(fn, frozen)
   if not grads:
     return jax.jit(merged_fn)(trainable, *args), None
   (_, want), g = jax.jit(value_and_grad_of(merged_fn))(trainable, *args)
@@ -120,10 +141,15 @@ def check_against_merged(fn, frozen, trainable, args, *, jit, want=None,
     want: the merged reference if already computed (it does not depend on
       ``jit``, so model tests compute it once).
   """
-  if want is None:
-    want = merged_reference(fn, frozen, trainable, args, grads)
   apply = jlora.lora(fn)
-  return check_lora_fn(lambda t, *a: apply(frozen, t, *a), trainable, args, want, jit=jit,
+  lora_fn = lambda t, *a: apply(frozen, t, *a)
+  if want is None:
+    if jit:
+      # The reference and the checked functions in one compiled program.
+      return _check(lora_fn, trainable, args, _merged_fn(fn, frozen), jit=jit,
+                    fwd_atol=fwd_atol, grad_rtol=grad_rtol, grads=grads)
+    want = merged_reference(fn, frozen, trainable, args, grads)
+  return check_lora_fn(lora_fn, trainable, args, want, jit=jit,
                        fwd_atol=fwd_atol, grad_rtol=grad_rtol, grads=grads)
 
 
@@ -134,14 +160,45 @@ def check_lora_fn(lora_fn, trainable, args, want, *, jit, fwd_atol=F32_FWD_ATOL,
   The forward is checked twice: alone, and as computed under
   ``jax.value_and_grad`` (whose loss value is checked too).
   """
+  return _check(lora_fn, trainable, args, None, want=want, jit=jit, fwd_atol=fwd_atol,
+                grad_rtol=grad_rtol, grads=grads)
+
+
+def _check(lora_fn, trainable, args, merged_fn, *, jit, want=None, fwd_atol, grad_rtol, grads):
+  """check_lora_fn against ``want``, or against ``merged_fn`` computed in the same jit.
+
+  Under jit, the forward alone, its value_and_grad (and the merged reference
+  when ``merged_fn`` is given) are one program: one compilation, not three.
+  Eagerly, ``lora_fn`` runs op by op, alone and under value_and_grad.
+  """
+  def lora_parts(t, *a):
+    fwd = lora_fn(t, *a)
+    return fwd, (value_and_grad_of(lora_fn)(t, *a) if grads else None)
+
+  if jit:
+    def program(t, *a):
+      ref = None
+      if merged_fn is not None:
+        if grads:
+          (_, ref_y), ref_g = value_and_grad_of(merged_fn)(t, *a)
+          ref = (ref_y, ref_g)
+        else:
+          ref = (merged_fn(t, *a), None)
+      return lora_parts(t, *a), ref
+    (got, ad), ref = jax.jit(program)(trainable, *args)
+    if ref is not None:
+      want = ref
+  else:
+    got = lora_fn(trainable, *args)
   want_y, want_g = want
-  got = maybe_jit(lora_fn, jit)(trainable, *args)
   assert_close_forward(got, want_y, fwd_atol)
   if not grads:
     return got
-  (loss, got_ad), got_g = maybe_jit(value_and_grad_of(lora_fn), jit)(trainable, *args)
+  if not jit:
+    ad = value_and_grad_of(lora_fn)(trainable, *args)
+  (loss, got_ad), got_g = ad
   assert_close_forward(got_ad, want_y, fwd_atol)
-  want_loss = float(loss_of(want_y))
+  want_loss = float(_loss_of_jit(want_y))
   assert abs(float(loss) - want_loss) <= max(fwd_atol, 1e-5) * max(1.0, abs(want_loss))
   assert_grads_nonzero(want_g)
   assert_close_grads(got_g, want_g, grad_rtol)

@@ -17,7 +17,7 @@ import jlora
 from jlora.adapters.dora import column_norm, to_weight_axes
 from models import LinenLM, LMConfig
 from reference import (JIT, NoMaterialize, assert_close_forward, assert_close_grads,
-                       loss_of, max_abs_diff, maybe_jit, normal, perturb)
+                       loss_of, max_abs_diff, normal, perturb)
 
 
 def dense_dora(frozen, trainable):
@@ -61,6 +61,13 @@ def mlp_case():
   return fn, params, frozen, t0, (normal((5, 12), seed=3),)
 
 
+@functools.lru_cache
+def base_output(case):
+  """``fn(params, *args)`` of a case: the model without adapters, under jit."""
+  fn, params, _, _, args = case()
+  return jax.jit(fn)(params, *args)
+
+
 def test_magnitude_starts_at_the_column_norms_so_the_model_starts_as_the_base():
   fn, params, frozen, t0, args = linen_case()
   q = t0["params"]["layers"]["query"]["kernel"]
@@ -68,22 +75,30 @@ def test_magnitude_starts_at_the_column_norms_so_the_model_starts_as_the_base():
   w = params["params"]["layers"]["query"]["kernel"]                          # (layers, d, h, k)
   np.testing.assert_allclose(q.magnitude, jnp.linalg.norm(w, axis=1), rtol=1e-6)
   y = jax.jit(jlora.lora(fn))(frozen, t0, *args)
-  assert max_abs_diff(y, fn(params, *args)) < 1e-5
+  assert max_abs_diff(y, base_output(linen_case)) < 1e-5
 
 
 @JIT
 def test_forward_equals_merge_and_gradients_hold_the_norm_constant(jit):
   # Eager dispatch compiles every op: the small model runs eagerly, the Linen
   # LM (nn.scan, remat, DenseGeneral) under jit.
-  fn, params, frozen, t0, args = linen_case() if jit else mlp_case()
+  case = linen_case if jit else mlp_case
+  fn, params, frozen, t0, args = case()
   t = _moved(t0, 1)
   apply = jlora.lora(fn)
+  forward = lambda t: apply(frozen, t, *args)  # noqa: E731
+  grad = jax.grad(lambda t: loss_of(apply(frozen, t, *args)))
   with NoMaterialize():
-    y = maybe_jit(lambda t: apply(frozen, t, *args), jit)(t)
-    g = maybe_jit(jax.grad(lambda t: loss_of(apply(frozen, t, *args))), jit)(t)
-  assert_close_forward(y, jax.jit(fn)(jlora.merge(frozen, t), *args))
-  assert max_abs_diff(y, fn(params, *args)) > 1e-2
-  want = jax.jit(jax.grad(lambda t: loss_of(fn(dense_dora(frozen, t), *args))))(t)
+    if jit:   # one program for both
+      y, g = jax.jit(lambda t: (forward(t), grad(t)))(t)
+    else:
+      y, g = forward(t), grad(t)
+  # The merged forward and the dense DoRA gradient: one compiled reference.
+  want_y, want = jax.jit(lambda t: (
+      fn(jlora.merge(frozen, t), *args),
+      jax.grad(lambda t: loss_of(fn(dense_dora(frozen, t), *args)))(t)))(t)
+  assert_close_forward(y, want_y)
+  assert max_abs_diff(y, base_output(case)) > 1e-2
   assert_close_grads(g, want)
   # The magnitude is trained: it has its own non-zero gradient.
   mags = [leaf.magnitude for leaf in jax.tree_util.tree_leaves(
@@ -145,10 +160,11 @@ def test_training_moves_direction_and_magnitude():
     return optax.apply_updates(t, updates), state, value
 
   t, state = t0, tx.init(t0)
-  first = float(loss(t0))
+  loss_jit = jax.jit(loss)   # compiled once for the first and the last loss
+  first = float(loss_jit(t0))
   for _ in range(30):
     t, state, _ = step(t, state)
-  assert float(loss(t)) < 0.5 * first
+  assert float(loss_jit(t)) < 0.5 * first
   assert max_abs_diff(t["fc1"].magnitude, t0["fc1"].magnitude) > 1e-3
 
 

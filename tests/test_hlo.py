@@ -12,6 +12,7 @@ HLO does contain those dots, so the check can fail.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -40,6 +41,7 @@ def _lm():
   return model.apply, params, spec, layouts, (tokens,)
 
 
+@functools.lru_cache   # shared by the fixture and the control test
 def _mlp():
   model = LinenMLP(hidden=32, out=8)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 16)), jnp.float32)

@@ -570,7 +570,9 @@ def test_ragged_dot_experts_stay_low_rank(jit):
 
 _SHARD_MAP_SCRIPT = r'''
 import json, os, re, sys, warnings
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# Appended: the suite's fast-compile flags (tests/conftest.py) stay in force.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 sys.path.insert(0, sys.argv[1])
