@@ -30,6 +30,7 @@ import os
 import pathlib
 import re
 import shutil
+import time
 import uuid
 from typing import Callable
 
@@ -309,14 +310,25 @@ def commit(tmp: pathlib.Path, path: pathlib.Path) -> None:
       remove(new)
 
 
-def drop_staging(path: pathlib.Path, tmp: pathlib.Path) -> None:
-  """Deletes ``tmp`` and what a library staged beside it, if still there."""
-  for left in leftovers(path)["tmp"]:   # ours and what orbax staged beside it
-    if left.name.startswith(tmp.name):
+def drop_staging(path: pathlib.Path, tmp: pathlib.Path, *, patience: float = 2.0) -> None:
+  """Deletes ``tmp`` and what a library staged beside it, if still there.
+
+  After a failed write a library's background threads may still be writing
+  into its staging, or create it again (orbax's async save on a full disk):
+  the removal is retried until nothing is left or ``patience`` seconds pass.
+  """
+  deadline = time.monotonic() + patience
+  while True:
+    left = [p for p in leftovers(path)["tmp"]   # ours and what orbax staged beside it
+            if p.name.startswith(tmp.name)]
+    if not left or time.monotonic() > deadline:
+      return
+    for entry in left:
       try:
-        remove(left)
+        remove(entry)
       except OSError:
         pass
+    time.sleep(0.05)   # then look again: a thread may have been writing or recreating it
 
 
 def replace_collective(path: PathLike, *, write_all: Callable[[pathlib.Path], None] | None = None,
