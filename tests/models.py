@@ -105,3 +105,21 @@ def batched_einsum(params, x):
   """Plain jnp: per-expert weights contracted with a batch dimension."""
   h = jnp.einsum("ebd,edf->ebf", x, params["experts"])
   return jnp.tanh(h) @ params["proj"]
+
+
+# -- a plain-JAX model small enough to run eagerly (the bank tests) -------------------
+
+
+def tanh_mlp_fn(p, x):
+  h = jnp.tanh(x @ p["query"]["kernel"])
+  h = jnp.tanh(h @ p["up"]["kernel"])
+  return h @ p["head"]["kernel"]
+
+
+def tanh_mlp_params():
+  """``tanh_mlp_fn``'s weights, and an input of 5 examples of 3 tokens."""
+  from reference import normal   # here, so that importing the models needs neither jlora nor pytest
+  params = {"query": {"kernel": normal((12, 16), 0.3, seed=1)},
+            "up": {"kernel": normal((16, 16), 0.3, seed=2)},
+            "head": {"kernel": normal((16, 6), 0.3, seed=3)}}
+  return params, normal((5, 3, 12), seed=4)

@@ -16,7 +16,7 @@ from flax import nnx
 
 import jlora
 from hlo import dot_result_shapes, weight_shaped_dots
-from models import LinenLM, LMConfig, NNXLM
+from models import LinenLM, LMConfig, NNXLM, tanh_mlp_fn, tanh_mlp_params
 from reference import JIT, NoMaterialize, max_abs_diff, maybe_jit, normal, perturb
 
 CFG = LMConfig(vocab=64, d_model=32, heads=4, layers=2, mlp=64, seq=16)
@@ -57,20 +57,11 @@ def linen():
   return _setup(model.apply, params, tokens, jlora.infer_layouts(model.apply, params, tokens))
 
 
-def _mlp_fn(p, x):
-  h = jnp.tanh(x @ p["query"]["kernel"])
-  h = jnp.tanh(h @ p["up"]["kernel"])
-  return h @ p["head"]["kernel"]
-
-
 @functools.lru_cache
 def mlp():
   """A plain-JAX model, small enough to run eagerly."""
-  params = {"query": {"kernel": normal((12, 16), 0.3, seed=1)},
-            "up": {"kernel": normal((16, 16), 0.3, seed=2)},
-            "head": {"kernel": normal((16, 6), 0.3, seed=3)}}
-  x = normal((5, 3, 12), seed=4)
-  return _setup(_mlp_fn, params, x, None)
+  params, x = tanh_mlp_params()
+  return _setup(tanh_mlp_fn, params, x, None)
 
 
 @functools.lru_cache

@@ -18,6 +18,7 @@ from jax.experimental import checkify
 
 import jlora
 from jlora.interpret import bank_term
+from models import tanh_mlp_fn, tanh_mlp_params
 from reference import JIT, maybe_jit, normal, perturb
 
 STRATEGIES = ["gather", "segment", "masked", "auto", "grouped"]   # grouped: ragged_dot forced
@@ -29,17 +30,12 @@ IDS, CLEAN_IDS = [1, 0, -1, 2, 1], [0, -1, -1, 1, 0]
 HEALTHY_ROWS = [0, 2, 3, 4]
 
 
-def _fn(p, x):
-  h = jnp.tanh(x @ p["query"]["kernel"])
-  h = jnp.tanh(h @ p["up"]["kernel"])
-  return h @ p["head"]["kernel"]
+_fn = tanh_mlp_fn
 
 
 @functools.lru_cache
 def _setup():
-  params = {"query": {"kernel": normal((12, 16), 0.3, seed=1)},
-            "up": {"kernel": normal((16, 16), 0.3, seed=2)},
-            "head": {"kernel": normal((16, 6), 0.3, seed=3)}}
+  params, x = tanh_mlp_params()
   specs = {"good0": dict(rank=2, alpha=4, targets=r".*(query|up)/kernel"),
            # Rank 2 pads no weight further than the healthy ones do, so the
            # bank without it has the same shapes (only the values may differ).
@@ -49,7 +45,7 @@ def _setup():
   for i, (name, kw) in enumerate(specs.items()):
     frozen, t = jlora.lora_transform(params, jlora.LoraSpec(**kw), key=jax.random.key(i))
     adapters[name] = perturb(t, i + 1)
-  return frozen, adapters, normal((5, 3, 12), seed=4)
+  return frozen, adapters, x
 
 
 def _poisoned(t, value, only=None):
