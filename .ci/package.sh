@@ -76,7 +76,7 @@ with zipfile.ZipFile(wheel) as z:
 need = {"jlora/py.typed", "jlora/_version.py", "jlora/cli/__init__.py", "jlora/adapters/__init__.py"}
 assert need <= names, f"the wheel lacks {sorted(need - names)}"
 assert not any(n.startswith("tests/") for n in names), "the wheel holds tests/"
-assert "jlora = jlora.cli:main" in entry_points, entry_points
+assert "jlora = jlora.cli:console" in entry_points, entry_points
 print("ok   wheel holds jlora/py.typed and the jlora console script")
 EOF
 

@@ -587,6 +587,31 @@ merge._merge_trees = interrupted_in_gc
 sys.exit(cli.main(sys.argv[1:]))
 """
 
+# An interrupt that lands in a constructor (as in orbax's event loop, seen in
+# CI) leaves half-built objects whose __del__ fails: one freed as the interrupt
+# unwinds, one only when the interpreter finalizes.
+_IN_A_CONSTRUCTOR = """
+import os, signal
+from jlora import cli
+from jlora.cli import merge
+merge_trees = merge._merge_trees
+kept = []
+class HalfBuilt:
+  def __init__(self):
+    unwound = HalfBuilt.__new__(HalfBuilt)
+    kept.append(self)
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(10))
+    self.ready = True
+  def __del__(self):
+    self.ready
+def interrupted_in_a_constructor(*args):
+  HalfBuilt()
+  return merge_trees(*args)
+merge._merge_trees = interrupted_in_a_constructor
+cli.console()
+"""
+
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
@@ -639,3 +664,9 @@ def test_ctrl_c_caught_by_a_gc_callback_still_interrupts(big, tmp_path):
   out = tmp_path / "out" / "merged.safetensors"
   out.parent.mkdir()
   _assert_interrupted(_merge_process(big, out, "-c", _IN_GC_CALLBACK), out)
+
+
+def test_ctrl_c_in_a_constructor_prints_no_traceback_of_half_built_objects(big, tmp_path):
+  out = tmp_path / "out" / "merged.safetensors"
+  out.parent.mkdir()
+  _assert_interrupted(_merge_process(big, out, "-c", _IN_A_CONSTRUCTOR), out)

@@ -41,7 +41,10 @@ from jlora.cli import _interrupt, convert, inspect, merge, quantize
 from jlora.cli._render import _one_line
 from jlora.errors import LoraError
 
-__all__ = ["main"]
+__all__ = ["console", "main"]
+
+# The status after Ctrl-C, as a shell reports a process that SIGINT ended.
+_INTERRUPTED = 130
 
 # In the order `jlora --help` lists them.
 _COMMANDS = (inspect, merge, convert, quantize)
@@ -117,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:   # staged files are gone: every writer cleans up as it unwinds
       interrupt_caught()
       print("jlora: error: interrupted", file=sys.stderr)
-      return 130
+      return _INTERRUPTED
     except Exception as e:  # a bug: one line, the traceback with --debug
       if debug:
         raise
@@ -128,3 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       for lg, level in zip(loggers, levels):
         lg.setLevel(level)
 
+
+def console() -> None:
+  """The ``jlora`` console script: ``main`` on ``sys.argv``, then exit.
+
+  After Ctrl-C the process ends at once (``_interrupt.exit_after_interrupt``)
+  rather than through the interpreter's shutdown, which would print the
+  failures of objects the interrupt left half-built.
+  """
+  status = main()
+  if status == _INTERRUPTED:
+    _interrupt.exit_after_interrupt(status)
+  sys.exit(status)

@@ -7,11 +7,18 @@ KeyboardInterrupt" with a traceback, drops the exception, and the command runs
 on to the end. ``delivered`` makes sure the interrupt reaches ``main``: a
 dropped one is raised again a moment later, outside the callback, silently;
 a second Ctrl-C while the first unwinds (removing staged files) is ignored.
+
+An interrupt can also land inside a constructor (orbax's event loop, say) and
+leave an object half-built, whose ``__del__`` then fails when it is collected:
+while the block unwinds, or when the interpreter finalizes. Those errors are
+consequences of the interrupt, not news, so after it they are dropped inside
+the block, and ``exit_after_interrupt`` ends the process without finalizing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -65,6 +72,8 @@ def delivered() -> Iterator[Callable[[], None]]:
       state["armed"] = True
       signal.setitimer(signal.ITIMER_REAL, _RETRY_S)   # raise it again, outside the callback
       return
+    if state["seen"]:
+      return    # a __del__ of something the interrupt left half-built
     old_hook(u)
 
   old_alarm = signal.signal(signal.SIGALRM, again)
@@ -77,3 +86,20 @@ def delivered() -> Iterator[Callable[[], None]]:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGALRM, old_alarm)
     sys.unraisablehook = old_hook
+
+
+def exit_after_interrupt(status: int) -> None:
+  """Ends the process with ``status`` at once, after flushing stdout and stderr.
+
+  Called by the console entry point once ``main`` has reported an interrupt:
+  the staged files are already gone, and a normal exit would run the
+  finalizers of objects the interrupt left half-built, which print tracebacks.
+  Every writer survives ``kill -9``, so skipping the interpreter's shutdown
+  loses nothing.
+  """
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError, AttributeError):
+      pass
+  os._exit(status)
