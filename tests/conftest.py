@@ -13,9 +13,9 @@ failure-injection zygotes, the multi-process workers, the benchmark scripts):
   straight to LLVM IR rather than through XLA's MLIR emitters. The tests'
   models are tiny, so the slower kernels cost far less than the compiling did
   (a sample of small programs compiled in about a third of the CPU time). The benchmark
-  scripts' quick runs in tests/test_benchmarks.py inherit these flags; the
-  example (run by .ci/run) and the documentation's code blocks
-  (tests/test_readme.py drops XLA_FLAGS) keep XLA's defaults, as a user has them.
+  scripts' quick runs in tests/test_benchmarks.py and the documentation's
+  code blocks (tests/test_readme.py) inherit these flags; the example (run by
+  .ci/run) keeps XLA's defaults, as a user has them.
 * JAX's persistent compilation cache in a directory of this run only: a
   program that several tests, workers or subprocesses compile is compiled once.
   It starts empty and is removed at the end, so no run sees another's results.

@@ -40,6 +40,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _MARK = re.compile(r"^<!-- readme-test: (.*) -->$")
 _SEPARATOR = "=====readme-test-block====="
+_SPEED_FLAGS = ("xla_backend_optimization_level", "xla_cpu_use_xnnpack",
+                "xla_cpu_use_fusion_emitters")
 
 # One interpreter runs every page: each page's blocks in a namespace of its
 # own (a copy of the one it continues), each block compiled under the page's
@@ -175,7 +177,13 @@ def _run(pages: list[tuple[str, str | None, list[Block]]], tmp_path: pathlib.Pat
       {"name": name, "continues": continues, "blocks": [(b.line, b.code) for b in blocks]}
       for name, continues, blocks in pages]))
   env = dict(os.environ, PYTHONWARNINGS="ignore", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  # Only the suite's compile-speed flags (tests/conftest.py) pass: they change
+  # how long XLA takes to compile, not what the code computes; any other flag
+  # of the caller's (simulated devices) would give the pages a machine their
+  # readers do not have. The example that .ci/run runs keeps XLA's defaults.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if f.split("=")[0].lstrip("-") in _SPEED_FLAGS]
+  env["XLA_FLAGS"] = " ".join(flags)
   work = tmp_path / "work"
   work.mkdir()
   done = subprocess.run([sys.executable, "-c", _DRIVER, str(program), _SEPARATOR], cwd=work,
