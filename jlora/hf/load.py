@@ -223,14 +223,14 @@ def _read(ck: Checkpoint, plan: _Plan, block_size: int, double_quant: bool, dtyp
     from jlora.bnb import quant_state
     parts = quant_state.arrays(ck, plan.state)
     layout = slice_layout(target, plan.state.out_in, where)
-    arrays = {k: jnp.asarray(v) for k, v in parts.items()}
+    arrays = {k: _to_jax(v) for k, v in parts.items()}
     return _nf4(arrays, plan.shape, plan.state.dtype, layout, plan.state.block_size,
                 plan.state.double_quant, f"{where}: '{target.key}'")
   x = ck.get(target.key)
   if plan.quantize:
     layout = slice_layout(target, x.shape, where)
     # The PyTorch (out, in) weight row-major is the storage order of the parameter.
-    q = quantize_array(jnp.asarray(x), Layout((1,), (0,)), block_size=block_size,
+    q = quantize_array(_to_jax(x), Layout((1,), (0,)), block_size=block_size,
                        double_quant=double_quant, path=target.path)
     del x
     arrays = {k: getattr(q, k) for k in PARTS if getattr(q, k) is not None}
@@ -239,7 +239,14 @@ def _read(ck: Checkpoint, plan: _Plan, block_size: int, double_quant: bool, dtyp
   x = apply(x, target)
   if dtype is not None:
     x = x.astype(jnp.dtype(dtype))
-  return jnp.asarray(x)
+  return _to_jax(x)
+
+
+def _to_jax(x: Any) -> jax.Array:
+  """``x`` as a JAX array, using its buffer where the backend can (the CPU
+  can): ``jnp.asarray`` would copy it, twice the tensor for a moment. The
+  buffer is the reader's own, never written again."""
+  return jax.device_put(x, may_alias=True)
 
 
 def _nf4(arrays: dict, shape, dtype, layout: Layout, block_size: int, double_quant: bool,
