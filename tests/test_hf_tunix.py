@@ -219,8 +219,14 @@ def test_quantize_on_load_gives_bitsandbytes_codes(family, double_quant, tmp_pat
       np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-6, atol=1e-7)
     else:
       np.testing.assert_array_equal(np.asarray(sl(got.absmax)), state.absmax.numpy())
-  # The embeddings, norms and lm_head stay dense.
+  # The embeddings, norms and lm_head stay dense; dequantized, every weight is
+  # the dense one within half the widest NF4 step (the layout is right).
   assert not isinstance(leaf(tree, "embedder/input_embedding"), jlora.NF4Array)
+  dense = params(jlora.hf.load(d, abstract_model(family)))
+  for (p, a), b in zip(jlora._paths.flatten_with_paths(jlora.dequantize(tree))[0],
+                       jax.tree.leaves(dense)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= 0.16 * np.max(np.abs(b)), p
 
 
 def test_quantize_selects_by_path_regex(tmp_path):
