@@ -261,3 +261,22 @@ def test_quantize_must_select_linear_weights(tmp_path):
     jlora.hf.load(d, like(), mapping=MAPPING, quantize=r"norm")
   with pytest.raises(jlora.LoraSpecError, match=r"quantize 'nothing' matches no weight"):
     jlora.hf.load(d, like(), mapping=MAPPING, quantize=r"nothing")
+
+
+def test_nnx_module_and_state_come_back_loaded_and_the_given_ones_unchanged(tmp_path):
+  nnx = pytest.importorskip("flax.nnx")
+  w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+  d = tmp_path / "ckpt"
+  d.mkdir()
+  safetensors_torch.save_file({"fc.weight": w, "fc.bias": torch.ones(64)},
+                              str(d / "model.safetensors"))
+  mapping = jlora.hf.Mapping({r"fc\.weight": ("kernel", ((1, 0), None)),
+                              r"fc\.bias": ("bias", None)})
+  lin = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+  state = nnx.state(lin, nnx.Param)
+  loaded = jlora.hf.load(d, lin, mapping=mapping)
+  assert type(loaded) is nnx.Linear
+  np.testing.assert_array_equal(np.asarray(loaded.kernel[...]), w.numpy().T)
+  q = jlora.hf.load(d, state, mapping=mapping, quantize=True)
+  assert isinstance(q, nnx.State) and isinstance(q["kernel"].get_value(), jlora.NF4Array)
+  assert float(lin.bias[...].sum()) == 0 and float(state["bias"][...].sum()) == 0

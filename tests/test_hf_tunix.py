@@ -1,4 +1,4 @@
-"""``jlora.hf.load`` into google-tunix's Llama 3, Qwen 3 and Gemma 3, against PyTorch.
+"""``jlora.hf.load`` into google-tunix's Llama 3, Qwen 3 (and MoE) and Gemma 3, against PyTorch.
 
 For each family at a tiny size, a random ``transformers`` model is saved
 sharded (``save_pretrained(max_shard_size=...)``) and loaded into the Tunix
@@ -14,6 +14,7 @@ Skipped without tunix (CI has none): run it in the Tunix environment
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -34,6 +35,7 @@ from flax import nnx  # noqa: E402
 import jlora  # noqa: E402
 import jlora.hf  # noqa: E402
 import jlora.nnx  # noqa: E402
+from jlora.hf.tensors import Checkpoint  # noqa: E402
 
 # Rows (input features) are multiples of 64: bitsandbytes' CPU kernels are right there.
 V, D, F, L, N, K, H = 128, 64, 128, 2, 4, 2, 16
@@ -245,3 +247,36 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
   with pytest.raises(jlora.LoraFileError, match=r"config\.json': model_type 'qwen3' is not "
                      r"one the tunix llama3 mapping reads"):
     jlora.hf.load(d, abstract_model("llama3"))
+
+
+def test_qwen3_moe_experts_stack_per_tensor(tmp_path):
+  """Qwen 3 MoE: each expert's PyTorch weights are one slice of Tunix's stacked
+  (E, D, F) kernels, as Tunix's loader stacks them; quantized, each expert's
+  slice holds quantize_4bit's codes for that expert."""
+  experts = 4
+  torch.manual_seed(0)
+  m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+      vocab_size=V, hidden_size=D, intermediate_size=F, moe_intermediate_size=F,
+      num_hidden_layers=L, num_attention_heads=N, num_key_value_heads=K, head_dim=H,
+      num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+      norm_topk_prob=True, rope_theta=THETA, rms_norm_eps=1e-5, tie_word_embeddings=False))
+  with torch.no_grad():
+    for p in m.parameters():
+      p.normal_(0, 0.3)
+  m = m.float().eval()
+  d = save(m, tmp_path / "ckpt")
+  cfg = dataclasses.replace(tunix_config("qwen3"), num_experts=experts, num_experts_per_tok=2)
+  abstract = lambda: nnx.eval_shape(lambda: qwen.Qwen3(cfg, rngs=nnx.Rngs(0)))  # noqa: E731
+  model = jlora.hf.load(d, abstract())
+  assert_close(tunix_logits(model), torch_logits(m))
+  theirs = importlib.import_module(TUNIX_LOADER["qwen3"]).create_model_from_safe_tensors(
+      str(d), cfg)
+  jax.tree.map(np.testing.assert_array_equal, params(theirs), params(model))
+  q = leaf(params(jlora.hf.load(d, abstract(), quantize=r".*/mlp/(gate|up|down)_proj")),
+           "layers/1/mlp/down_proj")
+  assert isinstance(q, jlora.NF4Array) and q.shape == (experts, F, D)
+  for e in range(experts):
+    # transformers 5 holds the experts fused, and saves them one by one
+    w = torch.from_numpy(Checkpoint(d).get(f"model.layers.1.mlp.experts.{e}.down_proj.weight"))
+    codes, _ = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    np.testing.assert_array_equal(np.asarray(q.codes[e]), codes.numpy().reshape(-1))

@@ -139,8 +139,8 @@ def load(path: str | os.PathLike, model: Any, *, mapping: Mapping | None = None,
       if len(slices[t.path]) == leaves[t.path].shape[0]:
         out[t.path] = _stack(slices.pop(t.path), t.path, where)
   tree = treedef.unflatten([out[p] for p, _ in pairs])
-  if graph == "state":
-    state = model
+  if graph == "state":   # a new State: the one given is left as it was
+    state = jax.tree.map(lambda x: x, model)
     state.replace_by_pure_dict(tree)
     return state
   if graph is not None:
