@@ -138,7 +138,7 @@ def load(path: str | os.PathLike, model: Any, *, mapping: Mapping | None = None,
       slices.setdefault(t.path, {})[t.index] = value
       if len(slices[t.path]) == leaves[t.path].shape[0]:
         out[t.path] = _stack(slices.pop(t.path), t.path, where)
-  tree = treedef.unflatten([out[p] for p, _ in pairs])
+  tree = treedef.unflatten([None if leaf is None else out[p] for p, leaf in pairs])
   if graph == "state":   # a new State: the one given is left as it was
     state = jax.tree.map(lambda x: x, model)
     state.replace_by_pure_dict(tree)
@@ -175,7 +175,7 @@ def _plan(ck: Checkpoint, mapping: Mapping, leaves: dict[str, Any], quantize: An
     if state is None and kind not in _FLOATS:
       raise LoraFileError(f"{where}: '{key}' is {kind}; jlora reads parameters in "
                           f"{', '.join(_FLOATS)}")
-    if target.path not in leaves:
+    if leaves.get(target.path) is None:
       raise LoraFileError(f"{where}: '{key}' maps to '{target.path}', which the model does "
                           f"not have")
     leaf = leaves[target.path]
@@ -204,6 +204,8 @@ def _plan(ck: Checkpoint, mapping: Mapping, leaves: dict[str, Any], quantize: An
     plans[key] = _Plan(target, got, state, q)
   stacked = {t.target.path for t in plans.values() if t.target.index is not None}
   for p, leaf in leaves.items():
+    if leaf is None:   # an empty slot of the tree (None) stays empty
+      continue
     slots = [f"{p}[{i}]" for i in range(leaf.shape[0])] if p in stacked else [p]
     missing = [s for s in slots if s not in filled]
     if missing:
