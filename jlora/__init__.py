@@ -5,8 +5,9 @@ The core is at the top level: ``LoraSpec``, ``lora_transform``, ``lora``,
 adapters and ``combine``, ``quantize``/``dequantize``, and the errors. The
 file formats are namespaces: ``jlora.orbax`` (adapters and training
 checkpoints), ``jlora.peft`` (PEFT adapter folders), ``jlora.base``
-(base-parameter files, quantized or not) and ``jlora.bnb`` (Hugging Face
-bitsandbytes 4-bit checkpoints). ``jlora.nnx`` adapts a Flax NNX module in
+(base-parameter files, quantized or not), ``jlora.bnb`` (Hugging Face
+bitsandbytes 4-bit checkpoints) and ``jlora.hf`` (Hugging Face checkpoints
+into JAX models, dense, 4-bit or quantized as they load). ``jlora.nnx`` adapts a Flax NNX module in
 NNX's idiom; it is imported on first use (it needs Flax).
 
 The 0.1 names of the file functions (``jlora.save_adapter``,
@@ -14,7 +15,7 @@ The 0.1 names of the file functions (``jlora.save_adapter``,
 their new place, until 0.3 (``jlora._deprecated``; see CHANGELOG.md).
 """
 
-from jlora import base, bnb, orbax, peft
+from jlora import base, bnb, hf, orbax, peft
 from jlora import _deprecated
 from jlora._version import __version__
 from jlora._paths import path_str
@@ -85,6 +86,7 @@ __all__ = [
     # file formats
     "base",
     "bnb",
+    "hf",
     "orbax",
     "peft",
 ]

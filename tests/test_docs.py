@@ -1,7 +1,7 @@
 """The documentation site covers the public API, and its pages are reachable.
 
 Every name in ``jlora.__all__`` and in the ``__all__`` of each namespace
-(``jlora.orbax``, ``jlora.peft``, ``jlora.base``, ``jlora.bnb``) has a
+(``jlora.orbax``, ``jlora.peft``, ``jlora.base``, ``jlora.bnb``, ``jlora.hf``) has a
 mkdocstrings entry (``::: jlora.peft.save``) in ``docs/api/``, so a new public
 name without documentation fails here. Entries use the public paths only: a
 private module path (``jlora.peft.export.save``) would break when modules
@@ -50,7 +50,7 @@ def _public() -> set[str]:
 
 
 def test_the_namespaces_are_the_file_formats():
-  assert _namespaces() == ["base", "bnb", "orbax", "peft"]
+  assert _namespaces() == ["base", "bnb", "hf", "orbax", "peft"]
   for ns in _namespaces():
     assert isinstance(getattr(jlora, ns).__all__, (list, tuple)), f"jlora.{ns} has no __all__"
     assert (API / f"{ns}.md").is_file(), f"jlora.{ns} has no page docs/api/{ns}.md"
@@ -62,7 +62,7 @@ def test_every_top_level_name_is_documented():
   assert not missing, f"no '::: NAME' entry in docs/api/ for {missing}"
 
 
-@pytest.mark.parametrize("ns", ["orbax", "peft", "base", "bnb", *_LAZY])
+@pytest.mark.parametrize("ns", ["orbax", "peft", "base", "bnb", "hf", *_LAZY])
 def test_every_namespace_name_is_documented(ns):
   entries = _entries()
   module = getattr(jlora, ns)

@@ -6,7 +6,7 @@ to check another checkout):
 
 * no module is longer than ``MAX_LINES`` (a module over ~600 lines holds
   more than one concept);
-* no two file-format namespaces (``jlora.base``, ``jlora.bnb``,
+* no two file-format namespaces (``jlora.base``, ``jlora.bnb``, ``jlora.hf``,
   ``jlora.orbax``, ``jlora.peft``) import each other, one in each direction,
   counting imports inside functions: what two formats share belongs in a
   module of its own. ``jlora.cli`` renders every format and is left out;
@@ -22,7 +22,7 @@ import pathlib
 import pytest
 
 MAX_LINES = 650
-FORMATS = ("jlora.base", "jlora.bnb", "jlora.orbax", "jlora.peft")
+FORMATS = ("jlora.base", "jlora.bnb", "jlora.hf", "jlora.orbax", "jlora.peft")
 # What the adapter kinds build on (LoftQ quantizes W0 with jlora.quant.nf4).
 ADAPTERS_MAY_IMPORT = {"jlora.layout", "jlora.errors", "jlora._paths", "jlora._compat",
                        "jlora.quant.nf4"}
