@@ -186,7 +186,11 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   ``lora_magnitude_vector``; embedding tables, convolutions (``Rules.conv``)
   and bare parameters such as fused experts (``Rules.parameters``, PEFT's
   ``target_parameters``) in PEFT's layout for each (``jlora.peft.kinds``); a
-  tied table (``Rules.tied``) with ``ensure_weight_tying``.
+  tied table (``Rules.tied``) with ``ensure_weight_tying``; a fused kernel
+  (Gemma's ``kv_einsum``, named ``...k_proj+v_proj`` by the rules) as each of
+  its modules, with the kernel's ``lora_A`` and its own block of ``lora_B``.
+  DoRA and ``modules_to_save``, which vLLM refuses, are written with a
+  ``UserWarning`` that says so.
   Plain arrays in ``trainable`` (``LoraSpec.extra_trainable``) are written
   as PEFT ``modules_to_save`` under their PyTorch names, which requires
   every parameter of their module to be trained in full.

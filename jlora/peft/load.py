@@ -90,7 +90,10 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
     layouts: path -> Layout, best from the model itself
       (``jlora.infer_layouts(fn, params, *args)``); it wins over the rules'
       ``kernel_order`` for 2-D kernels and is needed for
-      ``nn.scan`` stacks and multi-axis kernels.
+      ``nn.scan`` stacks and multi-axis kernels. Where it says nothing, the
+      rules' own ``layouts`` apply (``Rules.tunix`` states them). The modules
+      of a fused kernel (``Rules``: ``...k_proj+v_proj``) must all be in the
+      folder; they are joined into one adapter (``jlora.peft.fused``).
     dtype: dtype of A and B. By default the file's, promoted so that no value
       changes (float16 and float32 factors give float32); a narrower dtype is
       refused if a value would become infinite in it.
