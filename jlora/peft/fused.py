@@ -120,9 +120,10 @@ def join(lora: dict[str, Any], index: match.Index, config: dict[str, Any], weigh
     widths = {a.shape[1] for (_, a), _ in pairs}
     heights = {b.shape[0] for _, (_, b) in pairs}
     if len(widths) > 1 or len(heights) > 1:
+      shapes = [(a.shape, b.shape) for (_, a), (_, b) in pairs]
       raise LoraPeftError(f"'{weights}': the modules {list(parts)} of the fused kernel "
-                          f"'{path}' have factors of different shapes ({[a.shape for (_, a), _ in pairs]}, "
-                          f"{[b.shape for _, (_, b) in pairs]}); they must be alike")
+                          f"'{path}' have lora_A/lora_B of shapes {shapes}; each module's "
+                          f"must have as many inputs and outputs as the others'")
     (key_a, a0), (key_b, _) = pairs[0]
     shared = all(a.shape == a0.shape and np.array_equal(a, a0) for (_, a), _ in pairs) and all(
         s == scales[0] for s in scales)
@@ -131,7 +132,9 @@ def join(lora: dict[str, Any], index: match.Index, config: dict[str, Any], weigh
       b = np.concatenate([b for _, (_, b) in pairs], axis=0)
     else:   # one pair of rank sum(r): A stacked, B block-diagonal
       a = np.concatenate([a for (_, a), _ in pairs], axis=0)
-      dtype = np.result_type(*[b.dtype for _, (_, b) in pairs])
+      # Blocks rescaled to the first scale: in float32 at least, not rounded twice.
+      rescaled = [np.float32] if len(set(scales)) > 1 else []
+      dtype = np.result_type(*rescaled, *[b.dtype for _, (_, b) in pairs])
       b = np.zeros((sum(x.shape[0] for _, (_, x) in pairs), a.shape[0]), dtype)
       row = col = 0
       for ((_, ai), (_, bi)), s in zip(pairs, scales):
