@@ -86,9 +86,14 @@ def _table(family: str, config: Any) -> dict[str, Any]:
   except ImportError as e:
     raise LoraSpecError(f"jlora.peft.Rules.tunix('{family}') reads Tunix's own key table "
                         f"({_TABLES[family]}): {e}; install google-tunix") from None
+  table = getattr(params, "_get_key_and_transform_mapping", None)
+  if table is None:
+    raise LoraSpecError(f"jlora.peft.Rules.tunix('{family}'): {_TABLES[family]} has no "
+                        f"_get_key_and_transform_mapping; this Tunix version is not supported "
+                        f"(google-tunix 0.1.7 is)")
   if config is None:
     config = getattr(model.ModelConfig, _PRESETS[family])()
-  return params._get_key_and_transform_mapping(config)
+  return table(config)
 
 
 def _row(torch_key: str, nnx_key: str) -> tuple[str, str, str] | None:
