@@ -22,7 +22,8 @@ PyTorch), ``kinds`` (linear, conv, embedding, target_parameters), ``mark``
 in steps: ``folder`` reads the folder, ``match`` finds each module's
 parameter, ``assemble`` builds the factors and the spec, ``checks`` holds the
 file to the config and the base, ``full_weights`` reads ``modules_to_save``),
-``describe`` and ``bank``.
+``describe`` and ``bank``; ``tunix`` (``Rules.tunix``: google-tunix's Llama 3, Qwen 3,
+Gemma 3) and ``fused`` (one Flax kernel that is several PyTorch modules).
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora, tempfile

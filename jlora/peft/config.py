@@ -24,6 +24,7 @@ import reprlib
 from typing import Any, Mapping
 
 from jlora.errors import LoraPeftError
+from jlora.peft import names
 
 # Options that change what an adapter computes and that jlora does not
 # implement: loading them would silently give a different model.
@@ -184,7 +185,14 @@ def is_saved_module(config: Mapping[str, Any], module: str) -> bool:
 
 
 def targets(config: Mapping[str, Any], module: str) -> bool | None:
-  """Whether PEFT's check_target_module_exists selects ``module``; None: unknown."""
+  """Whether PEFT's check_target_module_exists selects ``module``; None: unknown.
+
+  A fused kernel's name (``attn.k_proj+v_proj``, ``names.fused_parts``) is
+  selected when any of its modules is."""
+  parts = names.fused_parts(module)
+  if len(parts) > 1:
+    got = [targets(config, part) for part in parts]
+    return True if True in got else (None if None in got else False)
   exclude = config.get("exclude_modules")
   if exclude:
     if isinstance(exclude, str):
@@ -195,14 +203,14 @@ def targets(config: Mapping[str, Any], module: str) -> bool | None:
   for m in config.get("modules_to_save") or ():
     if re.match(rf"(^|.*\.){m}($|\..*)", module):
       return False
-  targets = config.get("target_modules")
-  if targets is None or targets == "all-linear":
+  wanted = config.get("target_modules")
+  if wanted is None or wanted == "all-linear":
     return None  # resolved by PEFT from the PyTorch module types
-  if isinstance(targets, str):
-    return re.fullmatch(targets, module) is not None
-  if module in targets:
+  if isinstance(wanted, str):
+    return re.fullmatch(wanted, module) is not None
+  if module in wanted:
     return True
-  found = any(module.endswith(f".{t}") for t in targets)
+  found = any(module.endswith(f".{t}") for t in wanted)
   layers = config.get("layers_to_transform")
   if found and layers not in (None, []):
     pattern = config.get("layers_pattern")

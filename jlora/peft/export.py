@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -24,7 +25,7 @@ from jlora.spec import LoraSpec
 from jlora.peft import config as peft_config
 from jlora.peft import mark, names
 from jlora.layout import Layout
-from jlora.peft import axes, kinds
+from jlora.peft import axes, fused, kinds
 from jlora.peft.rules import Rules, RulesLike, as_rules
 
 
@@ -152,6 +153,15 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
   return arr.astype(dtype) if dtype is not None else arr
 
 
+def _warn_servers(config: Mapping[str, Any]) -> None:
+  """PEFT loads these options; vLLM's LoRA loader (PEFTHelper) refuses them."""
+  refused = [f"{k}={config[k]!r}" for k in ("use_dora", "modules_to_save") if config.get(k)]
+  if refused:
+    warnings.warn(f"jlora.peft.save: the adapter has {', '.join(refused)}, which PyTorch PEFT "
+                  f"loads but vLLM does not serve (its LoRA loader refuses DoRA and "
+                  f"modules_to_save); for vLLM, train without them", UserWarning, stacklevel=3)
+
+
 def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
          spec: LoraSpec | None = None, use_rslora: bool | None = None,
          base_model_name_or_path: str | None = None,
@@ -176,7 +186,11 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
   ``lora_magnitude_vector``; embedding tables, convolutions (``Rules.conv``)
   and bare parameters such as fused experts (``Rules.parameters``, PEFT's
   ``target_parameters``) in PEFT's layout for each (``jlora.peft.kinds``); a
-  tied table (``Rules.tied``) with ``ensure_weight_tying``.
+  tied table (``Rules.tied``) with ``ensure_weight_tying``; a fused kernel
+  (Gemma's ``kv_einsum``, named ``...k_proj+v_proj`` by the rules) as each of
+  its modules, with the kernel's ``lora_A`` and its own block of ``lora_B``.
+  DoRA and ``modules_to_save``, which vLLM refuses, are written with a
+  ``UserWarning`` that says so.
   Plain arrays in ``trainable`` (``LoraSpec.extra_trainable``) are written
   as PEFT ``modules_to_save`` under their PyTorch names, which requires
   every parameter of their module to be trained in full.
@@ -337,8 +351,11 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
         lora_modules[pname] = (r, alpha)
         parameters.append(pname)
         continue
-      _claim(owners, module, path)
       lora_a, lora_b = kinds.to_torch(kind, a[idx], b[idx], lay)
+      # A fused kernel (Gemma's kv_einsum) is several modules, one block of B each.
+      parts = fused.split(path, module, kind, dora, lay, b[idx].shape, lora_b)
+      for part, _ in parts:
+        _claim(owners, part, path)
       if kind == kinds.EMBEDDING:
         tensors[names.embedding_key(module, "A")] = lora_a
         tensors[names.embedding_key(module, "B")] = lora_b
@@ -348,11 +365,13 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
           tensors[names.lora_key(other, "B")] = np.ascontiguousarray(lora_a.T)
           tied_any = True
       else:
-        tensors[names.lora_key(module, "A")] = lora_a
-        tensors[names.lora_key(module, "B")] = lora_b
+        for part, part_b in parts:
+          tensors[names.lora_key(part, "A")] = lora_a
+          tensors[names.lora_key(part, "B")] = part_b
       if dora:
         tensors[names.magnitude_key(module)] = kinds.magnitude_to_torch(kind, m[idx], lay, path)
-      lora_modules[module] = (r, alpha)
+      for part, _ in parts:
+        lora_modules[part] = (r, alpha)
     lora_templates.add(template)
     dropouts.append(float(leaf.dropout))
   if not lora_modules:
@@ -430,6 +449,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
                    and not _is_lora_param(leaf)
                    and (t := rules(p)) is not None and t not in lora_templates
                    and t not in saved_templates})
+  others = sorted({part for t in others for part in names.fused_parts(t)})
   modules_only = [m for m in lora_modules if m not in parameters]
   if target_modules is None:
     short = sorted({m.rpartition(".")[2] for m in modules_only})
@@ -483,6 +503,7 @@ def save(path: str | os.PathLike, trainable: Any, rules: RulesLike, *,
     config["ensure_weight_tying"] = True
   config.update(extra_config or {})
   peft_config.check(config, "jlora.peft.save config")
+  _warn_servers(config)
 
   from safetensors.numpy import save_file
   st_metadata = mark.metadata(config, tensors)

@@ -26,7 +26,7 @@ from jlora.errors import LoraPeftError
 from jlora.layout import Layout
 from jlora.adapters.lora_param import LoraParam
 from jlora.spec import LoraSpec
-from jlora.peft import assemble, checks, folder, full_weights, match, names
+from jlora.peft import assemble, checks, folder, full_weights, fused, match, names
 from jlora.peft.rules import RulesLike, as_rules
 
 
@@ -90,7 +90,10 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
     layouts: path -> Layout, best from the model itself
       (``jlora.infer_layouts(fn, params, *args)``); it wins over the rules'
       ``kernel_order`` for 2-D kernels and is needed for
-      ``nn.scan`` stacks and multi-axis kernels.
+      ``nn.scan`` stacks and multi-axis kernels. Where it says nothing, the
+      rules' own ``layouts`` apply (``Rules.tunix`` states them). The modules
+      of a fused kernel (``Rules``: ``...k_proj+v_proj``) must all be in the
+      folder; they are joined into one adapter (``jlora.peft.fused``).
     dtype: dtype of A and B. By default the file's, promoted so that no value
       changes (float16 and float32 factors give float32); a narrower dtype is
       refused if a value would become infinite in it.
@@ -123,8 +126,11 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
     raise LoraPeftError(f"'{weights}' holds no lora_A/lora_B tensors")
   pairs, treedef = flatten_with_paths(params)
   index = match.Index(pairs, rules)
-
-  found = match.lora_modules(lora, index, config, rules, weights)
+  layouts = {**rules.layouts_for([p for p, leaf in pairs if leaf is not None]),
+             **(layouts or {})}
+  # The modules of a fused kernel become one (their rank and alpha in `joined`).
+  lora, joined = fused.join(lora, index, config, weights)
+  found = match.lora_modules(lora, index, joined, rules, weights)
   checks.fan_in_fan_out(found, config, rules, os.path.join(directory, names.CONFIG_NAME))
   factors = {i: assemble.weight_factors(entry, by_idx, layouts, rules, weights)
              for i, (entry, by_idx) in found.items()}
@@ -134,7 +140,7 @@ def load(path: str | os.PathLike, params: Any, rules: RulesLike, *,
 
   factor_dtype = assemble.factor_dtype(factors, dtype, {pairs[i][0]: i for i in factors}, found,
                                         weights)
-  spec = assemble.spec_of(config, {pairs[i][0]: f for i, f in factors.items()},
+  spec = assemble.spec_of(joined, {pairs[i][0]: f for i, f in factors.items()},
                           sorted(pairs[i][0] for i in extras), factor_dtype,
                           os.path.join(directory, names.CONFIG_NAME))
   frozen = [leaf for _, leaf in pairs]

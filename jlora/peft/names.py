@@ -172,3 +172,20 @@ def template_regex(template: str) -> tuple[re.Pattern, list[int]]:
       positions.append(auto if field == "" else int(field))
       auto += field == ""
   return re.compile("".join(out)), positions
+
+
+def fused_parts(module: str) -> tuple[str, ...]:
+  """The PyTorch modules a fused kernel's module name stands for: a last
+  segment that joins names with ``+`` (``attn.k_proj+v_proj``) is several
+  modules (``attn.k_proj``, ``attn.v_proj``); any other name is itself.
+
+  Example:
+    >>> fused_parts("model.layers.0.self_attn.k_proj+v_proj")
+    ('model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj')
+    >>> fused_parts("model.layers.0.mlp.up_proj")
+    ('model.layers.0.mlp.up_proj',)
+  """
+  prefix, dot, last = module.rpartition(".")
+  if "+" not in last:
+    return (module,)
+  return tuple(f"{prefix}{dot}{part}" for part in last.split("+"))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from jlora.errors import LoraSpecError
+from jlora.layout import Layout
 from jlora.peft.names import DEFAULT_LEAF_NAMES
 
 # How a Flax 2-D kernel is stored: (in, out), (out, in), or unknown.
@@ -106,7 +107,13 @@ class Rules:
     and is written on the PyTorch side with '.' between them;
   * a placeholder that appears only on the PyTorch side (``{layer}``) is a
     stack index: weights stacked by ``nn.scan`` become one module per index
-    of their stack axis (the stack axes of the LoRA layout, in order).
+    of their stack axis (the stack axes of the LoRA layout, in order);
+  * a last segment that joins names with ``+`` (``self_attn.k_proj+v_proj``)
+    names a fused kernel: several PyTorch modules stacked along the kernel's
+    first output axis (Gemma's ``kv_einsum`` ``(2, K, D, H)``), one entry per
+    module. Written, each module gets the kernel's ``lora_A`` and its own
+    slice of ``lora_B``; read, a folder must adapt all of them
+    (``jlora.peft.fused``).
 
   The leaf name becomes the PyTorch parameter name through ``leaf_names``
   (``kernel`` -> ``weight``, ``scale`` -> ``weight``, ...); this matters for
@@ -161,6 +168,9 @@ class Rules:
     parameter_order: parameter names in the order PyTorch modules register
       them; needed when several parameters of one module are adapted (PEFT
       nests one wrapper per parameter in that order and names them so).
+    layouts: regex -> ``jlora.Layout`` of the model's multi-axis kernels
+      (matched in full against parameter paths), which ``jlora.peft.load``
+      uses where its own ``layouts`` argument says nothing.
 
   Example:
     A model whose Flax names differ from the PyTorch ones: write one pattern
@@ -204,6 +214,7 @@ class Rules:
   parameters: Union[bool, str] = False
   transposed_parameters: Union[bool, str] = False
   parameter_order: Sequence[str] = ()
+  layouts: Mapping[str, Layout] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     object.__setattr__(self, "patterns", tuple(tuple(p) for p in self.patterns))
@@ -228,6 +239,14 @@ class Rules:
     object.__setattr__(self, "embedding_leaves", tuple(self.embedding_leaves))
     object.__setattr__(self, "parameter_order", tuple(self.parameter_order))
     object.__setattr__(self, "tied", {k: tuple(v) for k, v in dict(self.tied).items()})
+    for regex, layout in dict(self.layouts).items():
+      if not isinstance(layout, Layout):
+        raise LoraSpecError(f"Rules.layouts[{regex!r}] must be a jlora.Layout, got {layout!r}")
+      try:
+        re.compile(regex)
+      except re.error as e:
+        raise LoraSpecError(f"Rules.layouts: invalid regex {regex!r}: {e}") from None
+    object.__setattr__(self, "layouts", dict(self.layouts))
 
   # Ready-made rules ----------------------------------------------------------
 
@@ -292,7 +311,46 @@ class Rules:
     pats += list(cls.__dataclass_fields__["patterns"].default)
     return cls(patterns=tuple(pats), fan_in_fan_out=fan_in_fan_out, kernel_order=kernel_order)
 
+  @classmethod
+  def tunix(cls, model: Any, *, tie_word_embeddings: bool | None = None) -> "Rules":
+    """google-tunix's Llama 3, Qwen 3 and Gemma 3 (``tunix.models.llama3``,
+    ``qwen3``, ``gemma3``) against ``transformers``' ``LlamaForCausalLM``,
+    ``Qwen3ForCausalLM`` and ``Gemma3ForCausalLM``.
+
+    The names are read from the installed Tunix's own Hugging Face key table
+    (``jlora.peft.tunix``): ``layers/0/attn/q_proj/w`` <->
+    ``model.layers.0.self_attn.q_proj``, ``layers/0/mlp/up_proj/kernel`` <->
+    ``model.layers.0.mlp.up_proj``; the attention kernels' layouts come with
+    the rules (``Rules.layouts``), and Gemma 3's fused ``kv_einsum`` is
+    ``k_proj`` and ``v_proj`` (``qkv_einsum``: ``q_proj``, ``k_proj``,
+    ``v_proj``).
+
+    Args:
+      model: a Tunix model (or a ``jlora.nnx.LoraModule`` around one), its
+        ``ModelConfig``, or a family name (``"llama3"``, ``"qwen3"``,
+        ``"gemma3"``).
+      tie_word_embeddings: whether the output head is the embedding table;
+        by default the config's (``weight_tying``, ``use_tied_embedding``;
+        always for Gemma 3), False for a family name.
+
+    Raises:
+      LoraSpecError: not a supported Tunix family (the message lists them),
+        or Tunix is not installed.
+    """
+    from jlora.peft import tunix
+    return tunix.rules(model, tie_word_embeddings)
+
   # Mapping -------------------------------------------------------------------
+
+  def layouts_for(self, paths: Sequence[str]) -> dict[str, Layout]:
+    """path -> Layout for the ``paths`` that a ``layouts`` regex matches."""
+    out: dict[str, Layout] = {}
+    for path in paths:
+      for regex, layout in self.layouts.items():
+        if re.fullmatch(regex, path):
+          out[path] = layout
+          break
+    return out
 
   def __call__(self, path: str) -> str | None:
     """The module name of a parameter path, with ``{0}``... for stack indices."""
