@@ -1,7 +1,8 @@
 """``jlora.nnx`` inside google-tunix, unedited: its ``PeftTrainer`` trains a
 jlora-adapted tiny Llama 3, Qwen 3 and Gemma 3, and a Llama 3 on an NF4 base
-(loss falls, only the LoRA params change) and its
-``Sampler``'s greedy tokens equal the merged model's.
+(loss falls, only the LoRA params change), its ``Sampler``'s greedy
+tokens equal the merged model's, and the same run with qwix's LoRA (the
+same factors copied into qwix's) gives the same losses.
 
 Skipped without tunix. Tunix pulls transformers 5, which the ``peft`` extra's
 Flax models cannot use, so it runs in an environment of its own:
@@ -29,6 +30,7 @@ gemma = pytest.importorskip("tunix.models.gemma3.model")
 peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")
 sft_utils = pytest.importorskip("tunix.sft.utils")
 sampler_lib = pytest.importorskip("tunix.generate.sampler")
+qwix = pytest.importorskip("qwix")
 
 VOCAB, PAD, BOS, EOS = 64, 0, 1, 2
 MLP = r"|.*/(gate_proj|up_proj|down_proj)/kernel"
@@ -49,6 +51,14 @@ FAMILIES = {
                lambda: gemma.ModelConfig(num_embed=VOCAB, sliding_window_size=8,
                                          param_dtype=jnp.float32, **_SMALL),
                r".*/(q_einsum|kv_einsum|attn_vec_einsum)/w" + MLP),
+}
+
+
+# The same modules for qwix (a regex on module paths, matched in full).
+QWIX_TARGETS = {
+    "llama3": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "qwen3": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "gemma3": r".*/(q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj)",
 }
 
 
@@ -156,3 +166,64 @@ def test_sampler_greedy_tokens_equal_the_merged_models(trained):
   inputs = _model_input(_batch(1))
   args = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
   assert float(jnp.max(jnp.abs(m(*args)[0] - jlora.nnx.merge(base)(*args)[0]))) > 1e-1
+
+
+def _qwix_twin(m, base, family, example):
+  """qwix's LoRA on a copy of ``base`` with ``m``'s factors: the same function.
+
+  qwix keeps ``<w>_lora_a`` (the weight's contracted axes, rank last) and
+  ``<w>_lora_b`` (rank first, the other axes) beside each weight, both in the
+  weight's axis order, and scales by alpha / rank: jlora's layout and scale
+  for these kernels, so the arrays copy as they are.
+  """
+  provider = qwix.LoraProvider(module_path=QWIX_TARGETS[family], rank=4, alpha=8.0)
+  q = qwix.apply_lora_to_model(nnx.clone(base), provider, *example, rngs=nnx.Rngs(2))
+  state = nnx.state(q, nnx.LoRAParam)
+  pairs = {jlora.path_str(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(state)}
+  adapters = m.adapters()
+  assert {p.rsplit("_lora_", 1)[0] for p in pairs} == set(adapters)   # the same weights
+  values = {}
+  for path, adapter in adapters.items():
+    layout = adapter.layout
+    assert not layout.stack_axes and adapter.scale == 8.0 / 4
+    assert list(layout.in_axes) == sorted(layout.in_axes), layout
+    assert list(layout.out_axes) == sorted(layout.out_axes), layout
+    values[f"{path}_lora_a"], values[f"{path}_lora_b"] = adapter.a, adapter.b
+  nnx.update(q, jax.tree_util.tree_map_with_path(
+      lambda kp, v: jnp.asarray(values[jlora.path_str(kp)], v.dtype).reshape(v.shape),
+      state))
+  return q
+
+
+def _train(model, batch, steps):
+  trainer = peft_trainer.PeftTrainer(
+      model, optax.adam(1e-2),
+      peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=steps))
+  trainer.with_gen_model_input_fn(_model_input).train([batch] * steps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qwix_gives_the_same_losses(family):
+  """jlora and qwix adapt the same weights of the same model with the same
+  factors (a random, non-zero B, so the adapters matter): Tunix's loss is the
+  same at step 0 and after two PeftTrainer steps of each."""
+  batch = _batch(0)
+  inputs = _model_input(batch)
+  example = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+  spec = jlora.LoraSpec(rank=4, alpha=8, targets=FAMILIES[family][2])
+  base = _tiny(family)
+  m = jlora.nnx.lora(base, spec, rngs=nnx.Rngs(1), example_args=example)
+  rng = np.random.default_rng(2)
+  nnx.update(m, jax.tree.map(lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype),
+                             nnx.state(m, nnx.LoRAParam)))
+  q = _qwix_twin(m, base, family, example)
+  loss = lambda model: float(peft_trainer._default_loss_fn(model, **inputs))  # noqa: E731
+  logits = [model(*example)[0] for model in (m, q, base)]
+  assert float(jnp.max(jnp.abs(logits[0] - logits[2]))) > 1e-1   # the factors matter
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+  step0 = loss(m), loss(q)
+  np.testing.assert_allclose(step0[0], step0[1], rtol=1e-6)
+  _train(m, batch, 2)
+  _train(q, batch, 2)
+  np.testing.assert_allclose(loss(m), loss(q), rtol=1e-5)
+  assert loss(m) < step0[0]
