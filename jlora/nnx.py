@@ -84,6 +84,59 @@ def _apply(bank_dot: str):
   return _lora(_forward, bank_dot=bank_dot)
 
 
+_KEYWORDS = tuple(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                  for name in ("lora_dropout_key", "lora_adapter_ids"))
+
+
+def _signature(method: Any) -> inspect.Signature:
+  """``method``'s signature with the keywords the adapted call adds."""
+  sig = inspect.signature(method)
+  params = list(sig.parameters.values())
+  extra = [p for p in _KEYWORDS if p.name not in sig.parameters]
+  at = len(params) - bool(params and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+  return sig.replace(parameters=params[:at] + extra + params[at:])
+
+
+class _Method:
+  """A method of the original class run on the adapted module (``m.__call__``,
+  ``m.init_cache``). ``inspect.signature`` reads the original method's
+  parameters (frameworks look for ``cache`` or ``decode_only_last_token``
+  there), plus ``lora_dropout_key`` and ``lora_adapter_ids``."""
+
+  __slots__ = ("_module", "_name")
+
+  def __init__(self, module: "LoraModule", name: str):
+    self._module, self._name = module, name
+
+  def __call__(self, *args, **kwargs):
+    return self._module._run(self._name, *args, **kwargs)
+
+  @property
+  def __signature__(self) -> inspect.Signature:
+    return _signature(getattr(self._module.base_model, self._name))
+
+  def __repr__(self) -> str:
+    return f"<adapted method {type(self._module.base_model).__name__}.{self._name}>"
+
+
+class _AdaptedCall:
+  """``LoraModule.__call__``: calling the module, or reading ``m.__call__``,
+  gives a ``_Method`` of this instance, so the signature is per instance."""
+
+  def __get__(self, obj: Any, objtype: Any = None) -> Any:
+    return self if obj is None else _Method(obj, "__call__")
+
+
+class _CallSignature:
+  """``inspect.signature(m)``: the wrapped module's call signature. Read on
+  the class, there is none (inspect then reads ``__init__``)."""
+
+  def __get__(self, obj: Any, objtype: Any = None) -> inspect.Signature:
+    if obj is None:
+      raise AttributeError("__signature__")
+    return _signature(obj.base_model.__call__)
+
+
 # nnx.Module's own methods (train, eval, sow, ...) act on the wrapper itself.
 _MODULE_NAMES = frozenset(dir(nnx.Module))
 # nnx.Dict keeps its items as attributes, so a path segment that names one of
@@ -105,7 +158,9 @@ class LoraModule(nnx.Module):
       the adapted weights' paths.
 
   Calling it takes the original's arguments, plus ``lora_dropout_key`` and
-  ``lora_adapter_ids`` as ``jlora.lora``'s transformed function does.
+  ``lora_adapter_ids`` as ``jlora.lora``'s transformed function does, and
+  ``inspect.signature`` of the module, of ``m.__call__`` and of any method
+  of the original reached on it says so.
   """
 
   def __init__(self, base_model: nnx.Module, adapters: Mapping[str, Any], *,
@@ -144,8 +199,10 @@ class LoraModule(nnx.Module):
     trainable = treedef.unflatten([adapters.get(path) for path, _ in pairs])
     return graphdef, state, trainable
 
-  def __call__(self, *args, **kwargs):
-    return self._run("__call__", *args, **kwargs)
+  # Calls take the original's arguments; inspect.signature(m) and
+  # inspect.signature(m.__call__) report them (see _Method).
+  __call__ = _AdaptedCall()
+  __signature__ = _CallSignature()
 
   def _run(self, method: str, *args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
     graphdef, frozen, trainable = self.split_lora()
@@ -163,7 +220,7 @@ class LoraModule(nnx.Module):
       raise AttributeError(name)
     attr = getattr(base, name)
     if (inspect.ismethod(attr) and attr.__self__ is base and name not in _MODULE_NAMES):
-      return functools.partial(self._run, name)
+      return _Method(self, name)
     return attr
 
 

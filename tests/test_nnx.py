@@ -169,6 +169,50 @@ def test_variables_attributes_and_methods(adapted):
   assert int(m.calls[...]) == before + 2
 
 
+class Decoder(nnx.Module):
+  """A call with the named parameters frameworks look for (Tunix's sampler
+  reads ``decode_only_last_token`` from ``inspect.signature(m.__call__)``)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(D, D, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, cache: dict | None = None, *,
+               decode_only_last_token: bool = False) -> jax.Array:
+    y = self.proj(tokens)
+    return y[:, -1:] if decode_only_last_token else y
+
+  def init_cache(self, batch: int, size: int = 4) -> dict:
+    return {"k": jnp.zeros((batch, size, D))}
+
+
+def test_signature_is_the_wrapped_modules(adapted):
+  import inspect
+  P = inspect.Parameter
+  lora_kw = [P("lora_dropout_key", P.KEYWORD_ONLY, default=None),
+             P("lora_adapter_ids", P.KEYWORD_ONLY, default=None)]
+  m = jlora.nnx.lora(Decoder(nnx.Rngs(0)), jlora.LoraSpec(rank=2, targets=["proj/kernel"]),
+                     rngs=nnx.Rngs(1))
+  base = inspect.signature(m.base_model.__call__)
+  want = base.replace(parameters=[*base.parameters.values(), *lora_kw])
+  assert inspect.signature(m) == want
+  assert inspect.signature(m.__call__) == want
+  assert [(p.name, p.kind) for p in want.parameters.values()] == [
+      ("tokens", P.POSITIONAL_OR_KEYWORD), ("cache", P.POSITIONAL_OR_KEYWORD),
+      ("decode_only_last_token", P.KEYWORD_ONLY), ("lora_dropout_key", P.KEYWORD_ONLY),
+      ("lora_adapter_ids", P.KEYWORD_ONLY)]
+  assert want.return_annotation == "jax.Array"
+  # Per instance: another class's module reports its own call.
+  assert list(inspect.signature(adapted).parameters) == ["x", *(p.name for p in lora_kw)]
+  # The original's other methods too; and the keywords reach the original.
+  assert list(inspect.signature(m.init_cache).parameters) == [
+      "batch", "size", *(p.name for p in lora_kw)]
+  x = _x()
+  assert m(x, decode_only_last_token=True).shape == (2, 1, D)
+  assert m.__call__(x, None).shape == (2, 3, D)
+  # Read on the class, it is any NNX module class's (its metaclass's call).
+  assert inspect.signature(jlora.nnx.LoraModule) == inspect.signature(nnx.Linear)
+
+
 def test_optimizer_trains_the_factors_alone():
   spec = jlora.LoraSpec(rank=2, alpha=4, targets=TARGETS)
   m = jlora.nnx.lora(Tiny(nnx.Rngs(0)), spec, rngs=nnx.Rngs(1), example_args=(_x(),))

@@ -14,6 +14,8 @@ Flax models cannot use, so it runs in an environment of its own:
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,6 +150,11 @@ def test_sampler_greedy_tokens_equal_the_merged_models(trained):
       lambda kp, v: jnp.asarray(rng.standard_normal(v.shape), v.dtype)
       if jlora.path_str(kp).endswith("/b") else v, nnx.state(m, nnx.LoRAParam))
   nnx.update(m, lora)
+  # Tunix reads the call's parameters (the sampler for decode_only_last_token,
+  # RL for segment_ids or **kwargs): the original's, and jlora's keywords.
+  want = [*inspect.signature(m.base_model.__call__).parameters,
+          "lora_dropout_key", "lora_adapter_ids"]
+  assert list(inspect.signature(m.__call__).parameters) == want
   cache = sampler_lib.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
   prompts = ["hello", "jax lora"]
   outs = {}
