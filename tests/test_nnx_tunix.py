@@ -234,3 +234,30 @@ def test_qwix_gives_the_same_losses(family):
   _train(q, batch, 2)
   np.testing.assert_allclose(loss(m), loss(q), rtol=1e-5)
   assert loss(m) < step0[0]
+
+
+def test_extra_trainable_weights_train_and_checkpoint_with_the_factors(tmp_path):
+  """A weight trained in full (the final norm) is an nnx.LoRAParam: Tunix's
+  PeftTrainer trains it, and its LoRA-only checkpoint saves and restores it."""
+  ckpt = pytest.importorskip("tunix.sft.checkpoint_manager")
+  batch = _batch(0)
+  inputs = _model_input(batch)
+  example = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+  spec = jlora.LoraSpec(rank=4, alpha=8, targets=FAMILIES["llama3"][2],
+                        extra_trainable=r"final_norm/w")
+  base = _tiny("llama3")
+  m = jlora.nnx.lora(base, spec, rngs=nnx.Rngs(1), example_args=example)
+  norm = np.asarray(m.base_model.final_norm.w[...])
+  embed = np.asarray(m.base_model.embedder.input_embedding[...])
+  _train(m, batch, 3)
+  assert np.any(np.asarray(m.base_model.final_norm.w[...]) != norm)
+  np.testing.assert_array_equal(m.base_model.embedder.input_embedding[...], embed)
+  manager = ckpt.CheckpointManager(root_directory=str(tmp_path))
+  assert manager.save(3, m, save_only_lora_params=True, force=True)
+  manager.close()
+  fresh = jlora.nnx.lora(base, spec, rngs=nnx.Rngs(5), example_args=example)
+  ckpt.CheckpointManager(root_directory=str(tmp_path)).maybe_restore(
+      fresh, restore_only_lora_params=True)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(m, nnx.LoRAParam)),
+               jax.tree.map(np.asarray, nnx.state(fresh, nnx.LoRAParam)))
+  np.testing.assert_array_equal(fresh.base_model.final_norm.w[...], m.base_model.final_norm.w[...])
