@@ -39,7 +39,7 @@ import jax
 from flax import nnx
 
 from jlora import transform
-from jlora._paths import flatten_with_paths
+from jlora._paths import flatten_with_paths, path_str
 from jlora.adapters.adapter import array_fields, is_adapter, static_fields
 from jlora.adapters.bank import stack_adapters
 from jlora.errors import LoraLayoutError, LoraSpecError
@@ -84,6 +84,59 @@ def _apply(bank_dot: str):
   return _lora(_forward, bank_dot=bank_dot)
 
 
+_KEYWORDS = tuple(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                  for name in ("lora_dropout_key", "lora_adapter_ids"))
+
+
+def _signature(method: Any) -> inspect.Signature:
+  """``method``'s signature with the keywords the adapted call adds."""
+  sig = inspect.signature(method)
+  params = list(sig.parameters.values())
+  extra = [p for p in _KEYWORDS if p.name not in sig.parameters]
+  at = len(params) - bool(params and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+  return sig.replace(parameters=params[:at] + extra + params[at:])
+
+
+class _Method:
+  """A method of the original class run on the adapted module (``m.__call__``,
+  ``m.init_cache``). ``inspect.signature`` reads the original method's
+  parameters (frameworks look for ``cache`` or ``decode_only_last_token``
+  there), plus ``lora_dropout_key`` and ``lora_adapter_ids``."""
+
+  __slots__ = ("_module", "_name")
+
+  def __init__(self, module: "LoraModule", name: str):
+    self._module, self._name = module, name
+
+  def __call__(self, *args, **kwargs):
+    return self._module._run(self._name, *args, **kwargs)
+
+  @property
+  def __signature__(self) -> inspect.Signature:
+    return _signature(getattr(self._module.base_model, self._name))
+
+  def __repr__(self) -> str:
+    return f"<adapted method {type(self._module.base_model).__name__}.{self._name}>"
+
+
+class _AdaptedCall:
+  """``LoraModule.__call__``: calling the module, or reading ``m.__call__``,
+  gives a ``_Method`` of this instance, so the signature is per instance."""
+
+  def __get__(self, obj: Any, objtype: Any = None) -> Any:
+    return self if obj is None else _Method(obj, "__call__")
+
+
+class _CallSignature:
+  """``inspect.signature(m)``: the wrapped module's call signature. Read on
+  the class, there is none (inspect then reads ``__init__``)."""
+
+  def __get__(self, obj: Any, objtype: Any = None) -> inspect.Signature:
+    if obj is None:
+      raise AttributeError("__signature__")
+    return _signature(obj.base_model.__call__)
+
+
 # nnx.Module's own methods (train, eval, sow, ...) act on the wrapper itself.
 _MODULE_NAMES = frozenset(dir(nnx.Module))
 # nnx.Dict keeps its items as attributes, so a path segment that names one of
@@ -105,11 +158,13 @@ class LoraModule(nnx.Module):
       the adapted weights' paths.
 
   Calling it takes the original's arguments, plus ``lora_dropout_key`` and
-  ``lora_adapter_ids`` as ``jlora.lora``'s transformed function does.
+  ``lora_adapter_ids`` as ``jlora.lora``'s transformed function does, and
+  ``inspect.signature`` of the module, of ``m.__call__`` and of any method
+  of the original reached on it says so.
   """
 
   def __init__(self, base_model: nnx.Module, adapters: Mapping[str, Any], *,
-               bank_dot: str = "auto"):
+               extra_paths: Sequence[str] = (), bank_dot: str = "auto"):
     self.base_model = base_model
     self.lora = nnx.Dict()
     for path, adapter in adapters.items():
@@ -121,6 +176,8 @@ class LoraModule(nnx.Module):
         node = node[name]
       node[leaf] = _Factors(adapter)
     self.lora_paths = tuple(adapters)
+    # Weights trained in full (extra_trainable): nnx.LoRAParam in base_model.
+    self.extra_paths = tuple(extra_paths)
     self.bank_dot = bank_dot
 
   def adapters(self) -> dict[str, Any]:
@@ -137,15 +194,21 @@ class LoraModule(nnx.Module):
   def split_lora(self) -> tuple[Any, Any, Any]:
     """``(graphdef, frozen, trainable)`` of ``base_model`` in the functional
     API's form: ``jlora.lora(fn)(frozen, trainable, ...)`` and
-    ``jlora.merge(frozen, trainable)`` take the last two."""
+    ``jlora.merge(frozen, trainable)`` take the last two. A weight trained
+    in full is in ``trainable`` (None in ``frozen``), as there."""
     graphdef, state = nnx.split(self.base_model)
     pairs, treedef = flatten_with_paths(state)
-    adapters = self.adapters()
-    trainable = treedef.unflatten([adapters.get(path) for path, _ in pairs])
+    adapters, extras = self.adapters(), set(self.extra_paths)
+    trainable = treedef.unflatten([leaf if path in extras else adapters.get(path)
+                                   for path, leaf in pairs])
+    if extras:
+      state = treedef.unflatten([None if path in extras else leaf for path, leaf in pairs])
     return graphdef, state, trainable
 
-  def __call__(self, *args, **kwargs):
-    return self._run("__call__", *args, **kwargs)
+  # Calls take the original's arguments; inspect.signature(m) and
+  # inspect.signature(m.__call__) report them (see _Method).
+  __call__ = _AdaptedCall()
+  __signature__ = _CallSignature()
 
   def _run(self, method: str, *args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
     graphdef, frozen, trainable = self.split_lora()
@@ -163,8 +226,31 @@ class LoraModule(nnx.Module):
       raise AttributeError(name)
     attr = getattr(base, name)
     if (inspect.ismethod(attr) and attr.__self__ is base and name not in _MODULE_NAMES):
-      return functools.partial(self._run, name)
+      return _Method(self, name)
     return attr
+
+
+def _retype(state: Any, paths: set[str], cls: type) -> Any:
+  """``state`` with the variables at ``paths`` of type ``cls``."""
+  def retype(kp, v):
+    if isinstance(v, nnx.Variable) and path_str(kp) in paths:
+      return cls(v.get_value(), **v.get_metadata())
+    return v
+  return jax.tree_util.tree_map_with_path(retype, state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _extra_paths(state: Any, pairs, extras: list[int]) -> tuple[str, ...]:
+  """The paths of the weights trained in full; each must be an ``nnx.Param``."""
+  kinds = {path_str(kp): type(v) for kp, v in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  for i in extras:
+    path = pairs[i][0]
+    if not issubclass(kinds.get(path, object), nnx.Param):
+      raise LoraSpecError(
+          f"'{path}' matches extra_trainable but is a {kinds.get(path, object).__name__}, "
+          f"not an nnx.Param; only weights can be trained in full")
+  return tuple(pairs[i][0] for i in extras)
 
 
 def _key(key: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array | None:
@@ -211,8 +297,11 @@ def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
   Args:
     model: the module to adapt (its weights may be ``NF4Array`` values, from
       ``jlora.nnx.quantize``).
-    spec: what to adapt (``jlora.LoraSpec``); ``extra_trainable`` is not
-      supported here.
+    spec: what to adapt (``jlora.LoraSpec``). Weights it names in
+      ``extra_trainable`` are trained in full: they become ``nnx.LoRAParam``
+      in ``base_model``, so whatever selects ``nnx.LoRAParam`` (an
+      ``nnx.Optimizer``, ``DiffState``, Tunix's trainer and checkpoints)
+      trains and saves them with the factors.
     key: PRNG key for A's initialisation (or ``rngs``).
     rngs: an ``nnx.Rngs``; its ``params`` stream gives the key.
     example_args: example inputs of ``model(...)`` (arrays or
@@ -229,7 +318,8 @@ def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
 
   Raises:
     LoraLayoutError: a selected weight that is not 2-D has no layout.
-    LoraSpecError: as ``jlora.lora_transform``, and for ``extra_trainable``.
+    LoraSpecError: as ``jlora.lora_transform``, and for an
+      ``extra_trainable`` match that is not an ``nnx.Param``.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora, jlora.nnx
@@ -249,17 +339,20 @@ def lora(model: nnx.Module, spec: LoraSpec, *, key: jax.Array | None = None,
   graphdef, state = nnx.split(model)
   pairs, _ = flatten_with_paths(state)
   targets, extras = transform.select_targets(pairs, spec)
-  if extras:
-    raise LoraSpecError(
-        f"'{pairs[extras[0]][0]}' matches extra_trainable, which jlora.nnx.lora does not "
-        f"support; adapt it with targets, or use the functional API (jlora.lora_transform)")
+  extra_paths = _extra_paths(state, pairs, extras)
   layouts = _layouts(model, state, example_args, example_kwargs, layouts)
   _check_layouts(pairs, targets, spec, layouts)
   frozen, trainable = transform.lora_transform(state, spec, key=key,
                                                layouts=layouts)
   t_pairs, _ = flatten_with_paths(trainable, is_leaf=is_adapter)
   adapters = {path: t for path, t in t_pairs if is_adapter(t)}
-  return LoraModule(nnx.merge(graphdef, frozen), adapters, bank_dot=bank_dot)
+  if extra_paths:   # back into the base, as nnx.LoRAParam
+    f_pairs, f_def = flatten_with_paths(frozen)
+    frozen = f_def.unflatten([t if path in extra_paths else f
+                              for (path, f), (_, t) in zip(f_pairs, t_pairs)])
+    frozen = _retype(frozen, set(extra_paths), nnx.LoRAParam)
+  return LoraModule(nnx.merge(graphdef, frozen), adapters, extra_paths=extra_paths,
+                    bank_dot=bank_dot)
 
 
 def merge(model: LoraModule, *, dtype: Any = None) -> nnx.Module:
@@ -279,7 +372,9 @@ def merge(model: LoraModule, *, dtype: Any = None) -> nnx.Module:
                         f"{type(model).__name__}")
   graphdef, frozen, trainable = model.split_lora()
   kwargs = {} if dtype is None else {"dtype": dtype}
-  return nnx.merge(graphdef, _merge(frozen, trainable, **kwargs))
+  merged = _merge(frozen, trainable, **kwargs)
+  # Weights trained in full are plain weights again.
+  return nnx.merge(graphdef, _retype(merged, set(model.extra_paths), nnx.Param))
 
 
 def stack(modules: Mapping[str, LoraModule], *, bank_dot: str = "auto") -> LoraModule:
@@ -301,6 +396,11 @@ def stack(modules: Mapping[str, LoraModule], *, bank_dot: str = "auto") -> LoraM
   """
   if not modules or not all(isinstance(m, LoraModule) for m in modules.values()):
     raise LoraSpecError("jlora.nnx.stack takes a non-empty mapping of name -> LoraModule")
+  for name, m in modules.items():
+    if m.extra_paths:
+      raise LoraSpecError(
+          f"jlora.nnx.stack: '{m.extra_paths[0]}' of '{name}' is trained in full "
+          f"(extra_trainable), but a bank shares one base; stack adapters without it")
   trees = {name: m.split_lora()[2] for name, m in modules.items()}
   bank = stack_adapters(trees)
   pairs, _ = flatten_with_paths(bank, is_leaf=is_adapter)

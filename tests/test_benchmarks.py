@@ -123,3 +123,14 @@ def test_profile_step_quick(tmp_path):
   assert tables["PEFT LoRA"].get(low_rank, 0) > 0 and low_rank not in tables["PyTorch full"]
   if "jlora LoRA" in tables:
     assert tables["jlora LoRA"].get(low_rank, 0) > 0 and low_rank not in tables["XLA full"]
+
+
+def test_bench_tunix_quick(tmp_path):
+  # Runs where google-tunix is installed (docs/development.md), skipped in CI.
+  pytest.importorskip("tunix")
+  pytest.importorskip("qwix")
+  res = run_script(tmp_path, "bench_tunix.py", "--quick", "--rounds", "1", "--no-rss",
+                   timeout=600)
+  # The script asserts the same first loss and the same loss after the steps.
+  assert res["first_loss"]["jlora"] == pytest.approx(res["first_loss"]["qwix"], rel=1e-5)
+  assert res["step_jlora_over_qwix"] > 0 and res["xla_peak_jlora_over_qwix"] > 0

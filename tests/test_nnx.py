@@ -142,10 +142,6 @@ def test_a_multi_axis_kernel_without_layout_is_refused():
   assert copy.base_model.kernel is not original.kernel
   with pytest.raises(jlora.LoraSpecError, match="nnx.Module"):
     jlora.nnx.lora({"w": jnp.zeros((2, 2))}, spec)
-  with pytest.raises(jlora.LoraSpecError, match="extra_trainable"):
-    jlora.nnx.lora(Tiny(nnx.Rngs(0)), jlora.LoraSpec(rank=2, targets=["mlp/kernel"],
-                                                     extra_trainable=["mlp/bias"]),
-                   rngs=nnx.Rngs(1))
 
 
 def test_variables_attributes_and_methods(adapted):
@@ -167,6 +163,95 @@ def test_variables_attributes_and_methods(adapted):
   m(x)
   nnx.jit(lambda m, x: m(x))(m, x)
   assert int(m.calls[...]) == before + 2
+
+
+class Decoder(nnx.Module):
+  """A call with the named parameters frameworks look for (Tunix's sampler
+  reads ``decode_only_last_token`` from ``inspect.signature(m.__call__)``)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(D, D, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, cache: dict | None = None, *,
+               decode_only_last_token: bool = False) -> jax.Array:
+    y = self.proj(tokens)
+    return y[:, -1:] if decode_only_last_token else y
+
+  def init_cache(self, batch: int, size: int = 4) -> dict:
+    return {"k": jnp.zeros((batch, size, D))}
+
+
+def test_signature_is_the_wrapped_modules(adapted):
+  import inspect
+  P = inspect.Parameter
+  lora_kw = [P("lora_dropout_key", P.KEYWORD_ONLY, default=None),
+             P("lora_adapter_ids", P.KEYWORD_ONLY, default=None)]
+  m = jlora.nnx.lora(Decoder(nnx.Rngs(0)), jlora.LoraSpec(rank=2, targets=["proj/kernel"]),
+                     rngs=nnx.Rngs(1))
+  base = inspect.signature(m.base_model.__call__)
+  want = base.replace(parameters=[*base.parameters.values(), *lora_kw])
+  assert inspect.signature(m) == want
+  assert inspect.signature(m.__call__) == want
+  assert [(p.name, p.kind) for p in want.parameters.values()] == [
+      ("tokens", P.POSITIONAL_OR_KEYWORD), ("cache", P.POSITIONAL_OR_KEYWORD),
+      ("decode_only_last_token", P.KEYWORD_ONLY), ("lora_dropout_key", P.KEYWORD_ONLY),
+      ("lora_adapter_ids", P.KEYWORD_ONLY)]
+  assert want.return_annotation == "jax.Array"
+  # Per instance: another class's module reports its own call.
+  assert list(inspect.signature(adapted).parameters) == ["x", *(p.name for p in lora_kw)]
+  # The original's other methods too; and the keywords reach the original.
+  assert list(inspect.signature(m.init_cache).parameters) == [
+      "batch", "size", *(p.name for p in lora_kw)]
+  x = _x()
+  assert m(x, decode_only_last_token=True).shape == (2, 1, D)
+  assert m.__call__(x, None).shape == (2, 3, D)
+  # Read on the class, it is any NNX module class's (its metaclass's call).
+  assert inspect.signature(jlora.nnx.LoraModule) == inspect.signature(nnx.Linear)
+
+
+def test_extra_trainable_weights_are_lora_params():
+  """A weight trained in full is an nnx.LoRAParam of base_model: NNX's tools
+  (and Tunix's trainer) train it with the factors; its gradient is the merged
+  model's, and merge gives it back as an nnx.Param."""
+  spec = jlora.LoraSpec(rank=2, alpha=4, targets=TARGETS, extra_trainable=["mlp/bias"])
+  m = _perturbed(jlora.nnx.lora(Tiny(nnx.Rngs(0)), spec, rngs=nnx.Rngs(1),
+                                example_args=(_x(),)))
+  assert m.extra_paths == ("mlp/bias",)
+  assert isinstance(m.base_model.mlp.bias, nnx.LoRAParam)
+  lora = nnx.state(m, nnx.LoRAParam)
+  assert lora["base_model"]["mlp"]["bias"].shape == (D,)
+  frozen = nnx.state(m, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  assert len(nnx.to_flat_state(frozen)) == 3   # the three kernels
+  # Its gradient is the merged model's (plain NNX, no interpreter), with the bias moved.
+  m.base_model.mlp.bias[...] = ref.normal((D,), 0.3, seed=3)
+  x = _x()
+  merged = jlora.nnx.merge(m)
+  assert type(merged.mlp.bias) is nnx.Param and not nnx.state(merged, nnx.LoRAParam)
+  ref.assert_close_forward(m(x), merged(x))
+  loss = lambda model: ref.loss_of(model(x))  # noqa: E731
+  got = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
+  want = nnx.grad(loss)(merged)
+  got_b, want_b = got["base_model"]["mlp"]["bias"][...], want["mlp"]["bias"][...]
+  assert float(jnp.max(jnp.abs(want_b))) > 1e-3
+  np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
+  # The functional form has it in trainable, as lora_transform does.
+  _, frozen_tree, trainable = m.split_lora()
+  assert frozen_tree["mlp"]["bias"].get_value() is None
+  np.testing.assert_array_equal(trainable["mlp"]["bias"].get_value(), m.base_model.mlp.bias[...])
+  # An optimizer on LoRAParam trains it; the frozen kernels stay.
+  opt = nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.LoRAParam)
+  bias, kernel = np.asarray(m.base_model.mlp.bias[...]), np.asarray(m.base_model.mlp.kernel[...])
+  opt.update(m, got)
+  assert np.any(np.asarray(m.base_model.mlp.bias[...]) != bias)
+  np.testing.assert_array_equal(m.base_model.mlp.kernel[...], kernel)
+  # Refused: a variable that is not a weight, and a bank of such modules.
+  with pytest.raises(jlora.LoraSpecError) as err:
+    jlora.nnx.lora(Tiny(nnx.Rngs(0)), dataclasses.replace(spec, extra_trainable=["calls"]),
+                   rngs=nnx.Rngs(1), example_args=(_x(),))
+  assert "\n" not in str(err.value) and "'calls'" in str(err.value)
+  assert "nnx.Param" in str(err.value)
+  with pytest.raises(jlora.LoraSpecError, match="'mlp/bias' of 'a' is trained in full"):
+    jlora.nnx.stack({"a": m})
 
 
 def test_optimizer_trains_the_factors_alone():

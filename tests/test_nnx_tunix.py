@@ -1,7 +1,8 @@
 """``jlora.nnx`` inside google-tunix, unedited: its ``PeftTrainer`` trains a
 jlora-adapted tiny Llama 3, Qwen 3 and Gemma 3, and a Llama 3 on an NF4 base
-(loss falls, only the LoRA params change) and its
-``Sampler``'s greedy tokens equal the merged model's.
+(loss falls, only the LoRA params change), its ``Sampler``'s greedy
+tokens equal the merged model's, and the same run with qwix's LoRA (the
+same factors copied into qwix's) gives the same losses.
 
 Skipped without tunix. Tunix pulls transformers 5, which the ``peft`` extra's
 Flax models cannot use, so it runs in an environment of its own:
@@ -12,6 +13,8 @@ Flax models cannot use, so it runs in an environment of its own:
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,7 @@ gemma = pytest.importorskip("tunix.models.gemma3.model")
 peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")
 sft_utils = pytest.importorskip("tunix.sft.utils")
 sampler_lib = pytest.importorskip("tunix.generate.sampler")
+qwix = pytest.importorskip("qwix")
 
 VOCAB, PAD, BOS, EOS = 64, 0, 1, 2
 MLP = r"|.*/(gate_proj|up_proj|down_proj)/kernel"
@@ -49,6 +53,14 @@ FAMILIES = {
                lambda: gemma.ModelConfig(num_embed=VOCAB, sliding_window_size=8,
                                          param_dtype=jnp.float32, **_SMALL),
                r".*/(q_einsum|kv_einsum|attn_vec_einsum)/w" + MLP),
+}
+
+
+# The same modules for qwix (a regex on module paths, matched in full).
+QWIX_TARGETS = {
+    "llama3": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "qwen3": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "gemma3": r".*/(q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj)",
 }
 
 
@@ -138,6 +150,11 @@ def test_sampler_greedy_tokens_equal_the_merged_models(trained):
       lambda kp, v: jnp.asarray(rng.standard_normal(v.shape), v.dtype)
       if jlora.path_str(kp).endswith("/b") else v, nnx.state(m, nnx.LoRAParam))
   nnx.update(m, lora)
+  # Tunix reads the call's parameters (the sampler for decode_only_last_token,
+  # RL for segment_ids or **kwargs): the original's, and jlora's keywords.
+  want = [*inspect.signature(m.base_model.__call__).parameters,
+          "lora_dropout_key", "lora_adapter_ids"]
+  assert list(inspect.signature(m.__call__).parameters) == want
   cache = sampler_lib.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
   prompts = ["hello", "jax lora"]
   outs = {}
@@ -156,3 +173,91 @@ def test_sampler_greedy_tokens_equal_the_merged_models(trained):
   inputs = _model_input(_batch(1))
   args = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
   assert float(jnp.max(jnp.abs(m(*args)[0] - jlora.nnx.merge(base)(*args)[0]))) > 1e-1
+
+
+def _qwix_twin(m, base, family, example):
+  """qwix's LoRA on a copy of ``base`` with ``m``'s factors: the same function.
+
+  qwix keeps ``<w>_lora_a`` (the weight's contracted axes, rank last) and
+  ``<w>_lora_b`` (rank first, the other axes) beside each weight, both in the
+  weight's axis order, and scales by alpha / rank: jlora's layout and scale
+  for these kernels, so the arrays copy as they are.
+  """
+  provider = qwix.LoraProvider(module_path=QWIX_TARGETS[family], rank=4, alpha=8.0)
+  q = qwix.apply_lora_to_model(nnx.clone(base), provider, *example, rngs=nnx.Rngs(2))
+  state = nnx.state(q, nnx.LoRAParam)
+  pairs = {jlora.path_str(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(state)}
+  adapters = m.adapters()
+  assert {p.rsplit("_lora_", 1)[0] for p in pairs} == set(adapters)   # the same weights
+  values = {}
+  for path, adapter in adapters.items():
+    layout = adapter.layout
+    assert not layout.stack_axes and adapter.scale == 8.0 / 4
+    assert list(layout.in_axes) == sorted(layout.in_axes), layout
+    assert list(layout.out_axes) == sorted(layout.out_axes), layout
+    values[f"{path}_lora_a"], values[f"{path}_lora_b"] = adapter.a, adapter.b
+  nnx.update(q, jax.tree_util.tree_map_with_path(
+      lambda kp, v: jnp.asarray(values[jlora.path_str(kp)], v.dtype).reshape(v.shape),
+      state))
+  return q
+
+
+def _train(model, batch, steps):
+  trainer = peft_trainer.PeftTrainer(
+      model, optax.adam(1e-2),
+      peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=steps))
+  trainer.with_gen_model_input_fn(_model_input).train([batch] * steps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qwix_gives_the_same_losses(family):
+  """jlora and qwix adapt the same weights of the same model with the same
+  factors (a random, non-zero B, so the adapters matter): Tunix's loss is the
+  same at step 0 and after two PeftTrainer steps of each."""
+  batch = _batch(0)
+  inputs = _model_input(batch)
+  example = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+  spec = jlora.LoraSpec(rank=4, alpha=8, targets=FAMILIES[family][2])
+  base = _tiny(family)
+  m = jlora.nnx.lora(base, spec, rngs=nnx.Rngs(1), example_args=example)
+  rng = np.random.default_rng(2)
+  nnx.update(m, jax.tree.map(lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype),
+                             nnx.state(m, nnx.LoRAParam)))
+  q = _qwix_twin(m, base, family, example)
+  loss = lambda model: float(peft_trainer._default_loss_fn(model, **inputs))  # noqa: E731
+  logits = [model(*example)[0] for model in (m, q, base)]
+  assert float(jnp.max(jnp.abs(logits[0] - logits[2]))) > 1e-1   # the factors matter
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+  step0 = loss(m), loss(q)
+  np.testing.assert_allclose(step0[0], step0[1], rtol=1e-6)
+  _train(m, batch, 2)
+  _train(q, batch, 2)
+  np.testing.assert_allclose(loss(m), loss(q), rtol=1e-5)
+  assert loss(m) < step0[0]
+
+
+def test_extra_trainable_weights_train_and_checkpoint_with_the_factors(tmp_path):
+  """A weight trained in full (the final norm) is an nnx.LoRAParam: Tunix's
+  PeftTrainer trains it, and its LoRA-only checkpoint saves and restores it."""
+  ckpt = pytest.importorskip("tunix.sft.checkpoint_manager")
+  batch = _batch(0)
+  inputs = _model_input(batch)
+  example = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+  spec = jlora.LoraSpec(rank=4, alpha=8, targets=FAMILIES["llama3"][2],
+                        extra_trainable=r"final_norm/w")
+  base = _tiny("llama3")
+  m = jlora.nnx.lora(base, spec, rngs=nnx.Rngs(1), example_args=example)
+  norm = np.asarray(m.base_model.final_norm.w[...])
+  embed = np.asarray(m.base_model.embedder.input_embedding[...])
+  _train(m, batch, 3)
+  assert np.any(np.asarray(m.base_model.final_norm.w[...]) != norm)
+  np.testing.assert_array_equal(m.base_model.embedder.input_embedding[...], embed)
+  manager = ckpt.CheckpointManager(root_directory=str(tmp_path))
+  assert manager.save(3, m, save_only_lora_params=True, force=True)
+  manager.close()
+  fresh = jlora.nnx.lora(base, spec, rngs=nnx.Rngs(5), example_args=example)
+  ckpt.CheckpointManager(root_directory=str(tmp_path)).maybe_restore(
+      fresh, restore_only_lora_params=True)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(m, nnx.LoRAParam)),
+               jax.tree.map(np.asarray, nnx.state(fresh, nnx.LoRAParam)))
+  np.testing.assert_array_equal(fresh.base_model.final_norm.w[...], m.base_model.final_norm.w[...])
