@@ -20,12 +20,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from jlora import _atomic
+from jlora._shards import INDEX_NAME, WEIGHTS_NAME, shard_files
 from jlora.errors import LoraFileError
 
 PathLike = str | os.PathLike
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 # jlora's mark in the safetensors metadata, beside transformers' {"format": "pt"}.
 MARK = "jlora"
 FORMAT = "jlora.bnb-4bit"
@@ -76,27 +75,7 @@ class Files:
 
   @staticmethod
   def _folder(p: pathlib.Path) -> list[pathlib.Path]:
-    if (p / WEIGHTS_NAME).is_file():
-      return [p / WEIGHTS_NAME]
-    index = p / INDEX_NAME
-    if not index.is_file():
-      pickled = [n for n in ("pytorch_model.bin", "model.bin") if (p / n).exists()]
-      hint = (f"; jlora does not read pickled weights ({pickled[0]}): save with "
-              f"safe_serialization=True") if pickled else ""
-      raise LoraFileError(f"'{p}' holds no {WEIGHTS_NAME} and no {INDEX_NAME}{hint}")
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-      files = sorted(set(weight_map.values()))
-      if not all(isinstance(n, str) and n.endswith(".safetensors")
-                 and os.path.basename(n) == n and n not in (".", "..") for n in files):
-        raise ValueError("shard names must be .safetensors files in the folder")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-      raise LoraFileError(f"'{index}' is not a valid index of shards ({one_line(e)})"
-                          ) from None
-    missing = [n for n in files if not (p / n).is_file()]
-    if missing:
-      raise LoraFileError(f"'{index}' lists shard '{missing[0]}', which '{p}' lacks")
-    return [p / n for n in files]
+    return shard_files(p)
 
   def keys(self) -> list[str]:
     return list(self.file_of)

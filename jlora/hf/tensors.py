@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from jlora._shards import INDEX_NAME, WEIGHTS_NAME, shard_files
 from jlora.errors import LoraFileError
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 # A header larger than this is not one save_pretrained wrote (safetensors' own limit).
 _MAX_HEADER = 100_000_000
@@ -123,28 +122,7 @@ class Checkpoint:
 
   @staticmethod
   def _folder(p: pathlib.Path) -> list[pathlib.Path]:
-    if (p / WEIGHTS_NAME).is_file():
-      return [p / WEIGHTS_NAME]
-    index = p / INDEX_NAME
-    if not index.is_file():
-      pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-                 if (p / n).exists()]
-      hint = (f"; jlora does not read pickled weights ({pickled[0]}): save with "
-              f"safe_serialization=True") if pickled else ""
-      raise LoraFileError(f"'{p}' holds no {WEIGHTS_NAME} and no {INDEX_NAME}{hint}")
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-      names = sorted(set(weight_map.values()))
-      if not all(isinstance(n, str) and n.endswith(".safetensors")
-                 and os.path.basename(n) == n and n not in (".", "..") for n in names):
-        raise ValueError("shard names must be .safetensors files in the folder")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-      raise LoraFileError(f"'{index}' is not a valid index of shards ({one_line(e)})"
-                          ) from None
-    missing = [n for n in names if not (p / n).is_file()]
-    if missing:
-      raise LoraFileError(f"'{index}' lists shard '{p / missing[0]}', which is missing")
-    return [p / n for n in names]
+    return shard_files(p)
 
   def config(self, required: bool = True) -> dict[str, Any] | None:
     """The folder's ``config.json`` (JSON only), or None for a single file
