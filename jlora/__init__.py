@@ -44,7 +44,6 @@ __all__ = [
     "lora",
     "infer_layouts",
     "merge",
-    "Layout",
     "unmerge",
     "frozen_like",
     "optimizer",

@@ -56,6 +56,12 @@ def test_the_namespaces_are_the_file_formats():
     assert (API / f"{ns}.md").is_file(), f"jlora.{ns} has no page docs/api/{ns}.md"
 
 
+def test_no_public_name_is_listed_twice():
+  for module in [jlora, *(getattr(jlora, ns) for ns in _namespaces())]:
+    dup = sorted({n for n in module.__all__ if list(module.__all__).count(n) > 1})
+    assert not dup, f"{module.__name__}.__all__ lists {dup} more than once"
+
+
 def test_every_top_level_name_is_documented():
   entries = _entries()
   missing = [f"jlora.{n}" for n in jlora.__all__ if f"jlora.{n}" not in entries]
