@@ -340,6 +340,41 @@ class Rules:
     from jlora.peft import tunix
     return tunix.rules(model, tie_word_embeddings)
 
+  @classmethod
+  def gemma(cls, model: Any = None, *, transpose_gating_einsum: bool | None = None
+            ) -> "Rules":
+    """The gemma library's Gemma 3 (google-deepmind ``gemma``: ``gm.nn.Gemma3_1B``,
+    ... a Linen ``gm.nn.Transformer``) against ``transformers``'
+    ``Gemma3ForCausalLM``.
+
+    ``layer_0/attn/q_einsum/w`` ``(N, D, H)`` <-> ``model.layers.0.self_attn.q_proj``,
+    ``layer_0/mlp/linear`` <-> ``model.layers.0.mlp.down_proj``; the fused
+    ``kv_einsum`` is ``k_proj+v_proj`` (``qkv_einsum``: ``q_proj+k_proj+v_proj``)
+    and ``mlp/gating_einsum`` is ``gate_proj+up_proj``. The table and the
+    kernels' layouts (``Rules.layouts``) are stated in ``jlora.peft.gemma``;
+    paths may start with the ``params`` collection or not.
+
+    Args:
+      model: a ``gemma.gm.nn.Transformer`` or its ``TransformerConfig``, which
+        says how ``gating_einsum`` is stored; optional.
+      transpose_gating_einsum: without a model: ``gating_einsum`` stored
+        ``(2, F, D)`` (True, every Gemma 3 of the library; the default) or
+        ``(2, D, F)``.
+
+    Raises:
+      LoraSpecError: ``model`` is not a gemma-library Gemma 3 (Gemma 3n is not
+        supported).
+
+    Example:
+      >>> rules = Rules.gemma()
+      >>> rules("params/layer_0/attn/kv_einsum/w")
+      'model.layers.0.self_attn.k_proj+v_proj'
+      >>> rules("layer_1/mlp/linear")
+      'model.layers.1.mlp.down_proj'
+    """
+    from jlora.peft import gemma
+    return gemma.rules(model, transpose_gating_einsum)
+
   # Mapping -------------------------------------------------------------------
 
   def layouts_for(self, paths: Sequence[str]) -> dict[str, Layout]:
