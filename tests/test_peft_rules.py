@@ -30,3 +30,30 @@ def test_rules_map_both_ways():
 
   with pytest.raises(jlora.LoraSpecError, match="not used in the module name"):
     jlora.peft.Rules(patterns=[("a/{x}/{y}", "a.{x}")])
+
+
+def test_gemma_library_rules_need_no_gemma():
+  # The table of Rules.gemma is stated in jlora; tests/test_peft_gemma.py
+  # holds it to PyTorch where the gemma library is installed.
+  rules = jlora.peft.Rules.gemma()
+  names = {"params/layer_0/attn/q_einsum/w": "model.layers.0.self_attn.q_proj",
+           "layer_1/attn/kv_einsum/w": "model.layers.1.self_attn.k_proj+v_proj",
+           "layer_1/attn/qkv_einsum/w": "model.layers.1.self_attn.q_proj+k_proj+v_proj",
+           "layer_2/attn/attn_vec_einsum/w": "model.layers.2.self_attn.o_proj",
+           "layer_0/attn/_query_norm/scale": "model.layers.0.self_attn.q_norm",
+           "layer_0/mlp/gating_einsum": "model.layers.0.mlp.gate_proj+up_proj",
+           "layer_0/mlp/linear": "model.layers.0.mlp.down_proj",
+           "layer_0/pre_ffw_norm/scale": "model.layers.0.pre_feedforward_layernorm",
+           "params/embedder/input_embedding": "model.embed_tokens",
+           "final_norm/scale": "model.norm",
+           "embedder/mm_input_projection/w": None, "vision_encoder/siglip/w": None}
+  assert {p: rules(p) for p in names} == names
+  gating = "params/layer_0/mlp/gating_einsum"
+  assert rules.layouts_for([gating])[gating] == jlora.Layout((2,), (0, 1))      # (2, F, D)
+  flat = jlora.peft.Rules.gemma(transpose_gating_einsum=False)                  # (2, D, F)
+  assert flat.layouts_for([gating])[gating] == jlora.Layout((1,), (0, 2))
+  assert rules.tied_to("model.embed_tokens") == ("lm_head",)
+  with pytest.raises(jlora.LoraError, match="^jlora.peft.Rules.gemma: no PEFT rules for "
+                     "builtins.object; supported: the gemma library's Gemma 3") as err:
+    jlora.peft.Rules.gemma(object())
+  assert "\n" not in str(err.value)
