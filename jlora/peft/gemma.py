@@ -64,7 +64,7 @@ def module_name(path: str) -> str | None:
   """The ``Gemma3ForCausalLM`` module of a gemma-library parameter path
   (``[params/]layer_0/attn/q_einsum/w`` -> ``model.layers.0.self_attn.q_proj``),
   or None for a weight that model has no module for."""
-  top = re.fullmatch(_PREFIX + r"(.+)", path).group(1)
+  top = re.sub("^" + _PREFIX, "", path)
   if top in _TOP:
     return _TOP[top]
   found = _LAYER.fullmatch(path)
