@@ -12,16 +12,12 @@ import json
 import os
 import pathlib
 
-from jlora.errors import LoraFileError
+from jlora.errors import LoraFileError, one_line
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # What PyTorch's pickle-based save writes instead: named in the error, never read.
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
-
-
-def _one_line(e: BaseException) -> str:
-  return " ".join(str(e).split())
 
 
 def shard_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -54,7 +50,7 @@ def shard_files(folder: pathlib.Path) -> list[pathlib.Path]:
                and os.path.basename(n) == n and n not in (".", "..") for n in names):
       raise ValueError("shard names must be .safetensors files in the folder")
   except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-    raise LoraFileError(f"'{index}' is not a valid index of shards ({_one_line(e)})"
+    raise LoraFileError(f"'{index}' is not a valid index of shards ({one_line(e)})"
                         ) from None
   missing = [n for n in names if not (folder / n).is_file()]
   if missing:

@@ -50,3 +50,14 @@ class LoraPeftError(LoraFileError):
 
 class LoraMaterializeWarning(UserWarning):
   """An adapted weight reached an op that needs the dense ``W0 + s B A``."""
+
+
+def one_line(e: BaseException) -> str:
+  """An exception's message with its whitespace collapsed, for a one-line error
+  that quotes a library's own message (not public: the file readers share it).
+
+  Example:
+    >>> one_line(ValueError("bad\\n  value"))
+    'bad value'
+  """
+  return " ".join(str(e).split())

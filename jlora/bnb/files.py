@@ -21,7 +21,7 @@ import numpy as np
 
 from jlora import _atomic
 from jlora._shards import INDEX_NAME, WEIGHTS_NAME, shard_files
-from jlora.errors import LoraFileError
+from jlora.errors import LoraFileError, one_line
 
 PathLike = str | os.PathLike
 
@@ -29,10 +29,6 @@ PathLike = str | os.PathLike
 MARK = "jlora"
 FORMAT = "jlora.bnb-4bit"
 VERSION = 1
-
-
-def one_line(e: BaseException) -> str:
-  return " ".join(str(e).split())
 
 
 def sha256(x: np.ndarray) -> str:

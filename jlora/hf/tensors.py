@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from jlora._shards import INDEX_NAME, WEIGHTS_NAME, shard_files
-from jlora.errors import LoraFileError
+from jlora.errors import LoraFileError, one_line
 
 CONFIG_NAME = "config.json"
 # A header larger than this is not one save_pretrained wrote (safetensors' own limit).
@@ -44,10 +44,6 @@ def _dtypes() -> dict[str, np.dtype]:
 
 #: safetensors dtype names -> NumPy dtypes (little-endian) that ``Checkpoint`` reads.
 DTYPES = _dtypes()
-
-
-def one_line(e: BaseException) -> str:
-  return " ".join(str(e).split())
 
 
 class Entry:
