@@ -178,6 +178,40 @@ def test_a_scalar_id_and_base_rows_ignore_a_broken_adapter_0(strategy):
   assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree_util.tree_leaves(g))
 
 
+def _primitives(jaxpr, skip_fallbacks: bool) -> set[str]:
+  """The primitives a jaxpr runs, nested ones included; with ``skip_fallbacks``,
+  not those of a cond's first branch (``lax.cond``'s false branch)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for name, param in eqn.params.items():
+      subs = param if isinstance(param, (tuple, list)) else (param,)
+      if skip_fallbacks and eqn.primitive.name == "cond" and name == "branches":
+        subs = subs[1:]
+      for sub in subs:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          names |= _primitives(inner, skip_fallbacks)
+  return names
+
+
+def test_a_forward_scans_no_factors_unless_an_output_is_not_finite():
+  # Decoding's cost (issue 17's bench): without a gradient, "masked" runs its
+  # two plain matmuls and checks their output; the isolating form, which
+  # checks every adapter's factors, is only the fallback of a lax.cond.
+  frozen, adapters, x = _setup()
+  bank = jlora.stack_adapters({"good0": adapters["good0"], "good1": adapters["good1"]})
+  apply = jlora.lora(_fn, bank_dot="masked")
+  ids = jnp.asarray([0, 1, -1, 1, 0])
+  jaxpr = jax.make_jaxpr(lambda b: apply(frozen, b, x, lora_adapter_ids=ids))(bank).jaxpr
+  assert "cond" in _primitives(jaxpr, True)
+  assert "is_finite" not in _primitives(jaxpr, True)
+  assert "is_finite" in _primitives(jaxpr, False)
+  # Under jit, an id out of range still makes its own row NaN, and only it.
+  y = jax.jit(apply)(frozen, bank, x, lora_adapter_ids=jnp.asarray([0, 1, 2, 1, 0]))
+  assert bool(jnp.isnan(y[2]).all()) and bool(jnp.isfinite(jnp.delete(y, 2, axis=0)).all())
+
+
 # -- ids per example, never per token -----------------------------------------------------
 
 

@@ -18,7 +18,9 @@ batch that mixes adapters; all give each row exactly its adapter's
   then one matmul with all B's stacked: n times the low-rank FLOPs, but two
   plain matmuls and no copies; for few adapters and few tokens per example
   (decoding on a CPU). Its gradient (a custom VJP, so reverse mode only) sums
-  each example's share into its own adapter.
+  each example's share into its own adapter. Without a gradient it checks
+  its output, not the factors: only a non-finite output reruns the layer in
+  the isolating form (see the note above ``_masked_checked``).
 
 Every way isolates adapters, forward and backward: a row's output, and an
 adapter's gradient, never depend on the values of adapters the row (or, for
@@ -266,20 +268,18 @@ def _own_columns(t: jax.Array, row_index: jax.Array, n: int) -> jax.Array:
 _PER_EXAMPLE = (((1,), (1,)), ((0,), (0,)))   # (E, T, P) x (E, T, Q) -> (E, P, Q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _masked_matmuls(x: jax.Array, a_all: jax.Array, b_all: jax.Array, sel: jax.Array,
-                    col_scale: jax.Array, row_index: jax.Array, row_fill: jax.Array,
-                    examples: int, n: int, precision: Any, pet: Any) -> jax.Array:
-  return _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, row_fill, examples, n,
-                     precision, pet)[0]
+                    col_scale: jax.Array, row_index: jax.Array, examples: int, n: int,
+                    precision: Any, pet: Any) -> jax.Array:
+  return _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, examples, n, precision,
+                     pet)[0]
 
 
-def _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, row_fill, examples, n,
-                precision, pet):
+def _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, examples, n, precision, pet):
   xa = dot_lib.matmul(x, a_all, precision, pet)
   xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
-  low = dot_lib.matmul(jnp.where(row_fill[:, None], jnp.full((), jnp.nan, xa.dtype), xa),
-                       b_all, precision, pet)
+  low = dot_lib.matmul(xa, b_all, precision, pet)
   return low, (x, a_all, b_all, sel, col_scale, row_index, xa)
 
 
@@ -304,7 +304,7 @@ def _masked_bwd(examples, n, precision, pet, res, g):
   db = jnp.zeros((n,) + db_ex.shape[1:], db_ex.dtype).at[ex_index].add(db_ex, mode="drop")
   da = axes_lib.transpose(da, (1, 0, 2)).reshape(a_all.shape)
   return (dx, da.astype(a_all.dtype), db.reshape(b_all.shape).astype(b_all.dtype),
-          None, None, None, None)
+          None, None, None)
 
 
 _masked_matmuls.defvjp(_masked_fwd, _masked_bwd)
@@ -321,17 +321,76 @@ def _masked(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
   scale (its own rows are NaN, its gradient zero); rows with ``row_bad`` (ids
   out of range) are NaN.
   """
+  low = _masked_checked(x, a, b, row_index, row_valid, scales, examples, precision, pet)
+  return jnp.where(row_bad[:, None], jnp.full((), jnp.nan, low.dtype), low)
+
+
+# Decoding calls ``_masked`` on a few rows per weight, where sanitising every
+# adapter's factors on every call costs as much as the matmuls (issue 17's
+# bench: one-token batches 0.97 -> 1.62 of one adapter). Without a gradient, a
+# row's output is exact unless a product of another adapter's column met a
+# non-finite factor, and that makes some output non-finite: so the plain
+# matmuls run first, and the isolating form only runs (``lax.cond``) when an
+# output is not finite. With finite factors both compute the same matmuls on
+# the same values, bit for bit. Under differentiation the isolating form
+# always runs (its backward needs the sanitised factors; at training shapes
+# the check is hidden by the matmuls).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _masked_checked(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
+                    row_valid: jax.Array, scales: jax.Array, examples: int, precision: Any,
+                    pet: Any) -> jax.Array:
+  n, k, r = a.shape
+  a_all = axes_lib.transpose(a, (1, 0, 2)).reshape(k, n * r)
+  sel, col_scale = _columns(row_index, row_valid, scales, r)
+  xa = dot_lib.matmul(x, a_all, precision, pet)
+  xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
+  low = dot_lib.matmul(xa, b.reshape(n * r, -1), precision, pet)
+  # sum(low * 0) is 0 exactly when every entry is finite, and never overflows.
+  finite = jnp.sum(low * jnp.zeros((), low.dtype)) == 0
+  return lax.cond(finite, lambda: low,
+                  lambda: _isolated(x, a, b, row_index, row_valid, scales, examples,
+                                    precision, pet))
+
+
+def _masked_checked_fwd(x, a, b, row_index, row_valid, scales, examples, precision, pet):
+  low, vjp = jax.vjp(
+      lambda x, a, b: _isolated(x, a, b, row_index, row_valid, scales, examples, precision,
+                                pet), x, a, b)
+  return low, vjp
+
+
+def _masked_checked_bwd(examples, precision, pet, vjp, g):
+  return (*vjp(g), None, None, None)
+
+
+_masked_checked.defvjp(_masked_checked_fwd, _masked_checked_bwd)
+
+
+def _columns(row_index: jax.Array, row_valid: jax.Array, scales: jax.Array, r: int
+             ) -> tuple[jax.Array, jax.Array]:
+  """Which of the n * r columns are each row's own, and each column's scale."""
+  n = scales.shape[0]
+  col_adapter = jnp.repeat(jnp.arange(n, dtype=row_index.dtype), r)
+  sel = (row_index[:, None] == col_adapter[None, :]) & row_valid[:, None]    # (rows, n * r)
+  return sel, jnp.repeat(scales, r)
+
+
+def _isolated(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
+              row_valid: jax.Array, scales: jax.Array, examples: int, precision: Any,
+              pet: Any) -> jax.Array:
+  """``_masked`` whatever the factors hold: non-finite adapters as zeros."""
   n, k, r = a.shape
   finite = lambda t: jnp.all(jnp.isfinite(t), axis=(1, 2))  # noqa: E731
   ok = finite(a) & finite(b)                                                  # (n,)
   zero = jnp.zeros((), a.dtype)
   a_all = axes_lib.transpose(jnp.where(ok[:, None, None], a, zero), (1, 0, 2)).reshape(k, n * r)
   b_all = jnp.where(ok[:, None, None], b, zero).reshape(n * r, -1)
+  sel, _ = _columns(row_index, row_valid, scales, r)
   col_scale = jnp.repeat(jnp.where(ok, scales, jnp.full((), jnp.nan, scales.dtype)), r)
-  col_adapter = jnp.repeat(jnp.arange(n, dtype=row_index.dtype), r)
-  sel = (row_index[:, None] == col_adapter[None, :]) & row_valid[:, None]    # (rows, n * r)
-  return _masked_matmuls(x, a_all, b_all, sel, col_scale, row_index, row_bad, examples, n,
-                         precision, pet)
+  return _masked_matmuls(x, a_all, b_all, sel, col_scale, row_index, examples, n, precision,
+                         pet)
 
 
 def _runs_grouped(platform: str) -> bool:
