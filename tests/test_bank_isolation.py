@@ -212,6 +212,36 @@ def test_a_forward_scans_no_factors_unless_an_output_is_not_finite():
   assert bool(jnp.isnan(y[2]).all()) and bool(jnp.isfinite(jnp.delete(y, 2, axis=0)).all())
 
 
+@JIT
+@pytest.mark.parametrize("poison", POISONS)
+def test_a_long_batch_checks_the_factors_and_stays_isolated(poison, jit, monkeypatch):
+  # Without a gradient, "masked" checks the factors instead of the output when
+  # they are smaller (many rows): the plain form must then be exact as well.
+  checked = []
+  monkeypatch.setattr(bank_term, "_checks_output",
+                      lambda out, fac: checked.append(out <= fac) or out <= fac)
+  frozen, adapters, x = _setup()
+  full = _banks(poison)[2]
+  # The same adapters with "bad" healthy: the same shapes, so the same sums
+  # (at this many rows XLA:CPU's dot sums in an order that depends on the
+  # number of adapters' columns, so a bank without "bad" may differ by an ulp).
+  clean = jlora.stack_adapters(
+      {"bad": adapters["bad"], "good0": adapters["good0"], "good1": adapters["good1"]})
+  reps = 64
+  xl = jnp.tile(x, (reps,) + (1,) * (x.ndim - 1))
+  ids = jnp.tile(jnp.asarray(IDS), reps)
+  apply = maybe_jit(jlora.lora(_fn, bank_dot="masked"), jit)
+  y_full = apply(frozen, full, xl, lora_adapter_ids=ids)
+  y_clean = apply(frozen, clean, xl, lora_adapter_ids=ids)
+  assert checked and not any(checked), checked     # the factors were checked, at every weight
+  healthy = [i for i in range(len(IDS) * reps) if i % len(IDS) in HEALTHY_ROWS]
+  assert bool(jnp.isfinite(y_clean).all())
+  _assert_bits_equal(y_full[jnp.asarray(healthy)], y_clean[jnp.asarray(healthy)],
+                     "healthy rows")
+  if poison != "huge":      # the broken adapter's own rows are NaN
+    assert bool(jnp.isnan(y_full[1::len(IDS)]).any(axis=-1).all())
+
+
 # -- ids per example, never per token -----------------------------------------------------
 
 

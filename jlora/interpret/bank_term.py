@@ -327,14 +327,14 @@ def _masked(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Array,
 
 # Decoding calls ``_masked`` on a few rows per weight, where sanitising every
 # adapter's factors on every call costs as much as the matmuls (issue 17's
-# bench: one-token batches 0.97 -> 1.62 of one adapter). Without a gradient, a
-# row's output is exact unless a product of another adapter's column met a
-# non-finite factor, and that makes some output non-finite: so the plain
-# matmuls run first, and the isolating form only runs (``lax.cond``) when an
-# output is not finite. With finite factors both compute the same matmuls on
-# the same values, bit for bit. Under differentiation the isolating form
-# always runs (its backward needs the sanitised factors; at training shapes
-# the check is hidden by the matmuls).
+# bench: one-token batches 0.97 -> 1.62 of one adapter). Without a gradient,
+# the plain matmuls (each row's own columns selected, no sanitising) are
+# exact unless a product of another adapter's column met a non-finite
+# factor, and that makes some output non-finite: so the isolating form only
+# runs (``lax.cond``) when an output, or for long batches (cheaper to check)
+# a factor, is not finite. With finite factors both forms compute the same
+# matmuls on the same values, bit for bit. Under differentiation the
+# isolating form always runs (its backward needs the sanitised factors).
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -342,16 +342,29 @@ def _masked_checked(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Arr
                     row_valid: jax.Array, scales: jax.Array, examples: int, precision: Any,
                     pet: Any) -> jax.Array:
   n, k, r = a.shape
-  a_all = axes_lib.transpose(a, (1, 0, 2)).reshape(k, n * r)
-  sel, col_scale = _columns(row_index, row_valid, scales, r)
-  xa = dot_lib.matmul(x, a_all, precision, pet)
-  xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
-  low = dot_lib.matmul(xa, b.reshape(n * r, -1), precision, pet)
-  # sum(low * 0) is 0 exactly when every entry is finite, and never overflows.
-  finite = jnp.sum(low * jnp.zeros((), low.dtype)) == 0
-  return lax.cond(finite, lambda: low,
-                  lambda: _isolated(x, a, b, row_index, row_valid, scales, examples,
-                                    precision, pet))
+  isolated = lambda: _isolated(x, a, b, row_index, row_valid, scales, examples,  # noqa: E731
+                               precision, pet)
+
+  def plain():
+    a_all = axes_lib.transpose(a, (1, 0, 2)).reshape(k, n * r)
+    sel, col_scale = _columns(row_index, row_valid, scales, r)
+    xa = dot_lib.matmul(x, a_all, precision, pet)
+    xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
+    return dot_lib.matmul(xa, b.reshape(n * r, -1), precision, pet)
+
+  # sum(t * 0) is 0 exactly when every entry of t is finite, and never
+  # overflows. Whichever is smaller is checked: the output (few rows,
+  # decoding) or the factors (finite factors make the plain form exact too).
+  all_finite = lambda t: jnp.sum(t * jnp.zeros((), t.dtype)) == 0  # noqa: E731
+  if _checks_output(x.shape[0] * b.shape[-1], a.size + b.size):
+    low = plain()
+    return lax.cond(all_finite(low), lambda: low, isolated)
+  return lax.cond(all_finite(a) & all_finite(b), plain, isolated)
+
+
+def _checks_output(output_size: int, factors_size: int) -> bool:
+  """Whether ``_masked_checked`` checks its output (else the factors)."""
+  return output_size <= factors_size
 
 
 def _masked_checked_fwd(x, a, b, row_index, row_valid, scales, examples, precision, pet):
