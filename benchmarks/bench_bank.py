@@ -15,7 +15,14 @@ shows where each way wins when examples are short.
 its single-adapter forward on the same model, in PyTorch (run after the JAX
 rounds, in the same process, with as many threads as cores).
 
+``--against REV`` times another git revision's jlora (imported under another
+package name) beside this tree's in the same process and the same
+interleaved rounds, variant by variant: drift in machine load between two
+processes moved the one-adapter baseline by up to 23%, which hid changes of
+a few percent.
+
     python benchmarks/bench_bank.py [--quick] [--rounds 10] [--peft] [--json out.json]
+    python benchmarks/bench_bank.py --against ca3b76a [--rounds 7]
 """
 
 from __future__ import annotations
@@ -23,8 +30,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
+import io
 import os
+import re
+import subprocess
 import sys
+import tarfile
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,21 +58,22 @@ def _xent(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def _adapters(params, n, key=0):
+def _adapters(params, n, key=0, lib=jlora):
   """n trainable trees, ranks cycling through 8..16, B made non-zero."""
   out = {}
   for k in range(n):
     rank = (8, 12, 16, 10)[k % 4]
-    spec = jlora.LoraSpec(rank=rank, alpha=2.0 * rank, targets=TARGETS)
-    frozen, t = jlora.lora_transform(params, spec, key=jax.random.key(key + k))
+    spec = lib.LoraSpec(rank=rank, alpha=2.0 * rank, targets=TARGETS)
+    frozen, t = lib.lora_transform(params, spec, key=jax.random.key(key + k))
     out[f"adapter{k}"] = jax.tree_util.tree_map(lambda x: x + 1e-3, t)
   return frozen, out
 
 
 def _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, label,
-                 with_steps=True):
-  """Adds the variants of one mixed batch (bound to this batch's arrays)."""
-  bank = jlora.stack_adapters(trees)
+                 with_steps=True, lib=jlora, strategies=STRATEGIES):
+  """Adds the variants of one mixed batch (bound to this batch's arrays), made
+  with ``lib`` (this tree's jlora, or another revision's with --against)."""
+  bank = lib.stack_adapters(trees)
   extra = {"lora_adapter_ids": ids}
 
   def fwd(apply, t, **kw):
@@ -70,20 +84,20 @@ def _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, l
     updates, state = tx.update(g, state, t, **kw)
     return optax.apply_updates(t, updates), state, loss
 
-  apply1 = jlora.lora(model.apply)
-  tx1 = jlora.optimizer(optax.adamw(1e-4), single)
-  txb = jlora.optimizer(optax.adamw(1e-4), bank)
+  apply1 = lib.lora(model.apply)
+  tx1 = lib.optimizer(optax.adamw(1e-4), single)
+  txb = lib.optimizer(optax.adamw(1e-4), bank)
   variants[(label, "single", "forward")] = (jax.jit(lambda t: fwd(apply1, t)), (single,))
   if with_steps:
     variants[(label, "single", "step")] = (
         jax.jit(lambda t, s: step(apply1, tx1, t, s)), (single, tx1.init(single)))
-  for how in STRATEGIES:
-    applyb = jlora.lora(model.apply, bank_dot=how)
+  for how in strategies:
+    applyb = lib.lora(model.apply, bank_dot=how)
     f = jax.jit(lambda t, applyb=applyb: fwd(applyb, t, **extra))
     # Correctness first: an example equals its own adapter's merged model.
     got = f(bank)
     for e in (0, tokens.shape[0] - 1):
-      merged = jlora.merge(frozen, bank, adapter=f"adapter{int(ids[e])}")
+      merged = lib.merge(frozen, bank, adapter=f"adapter{int(ids[e])}")
       err = float(jnp.max(jnp.abs(got[e:e + 1] - model.apply(merged, tokens[e:e + 1]))))
       assert err < 1e-3, (label, how, e, err)
     variants[(label, how, "forward")] = (f, (bank,))
@@ -140,6 +154,72 @@ def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int,
           "rounds": rounds, "rows": table}
 
 
+def load_revision(rev: str):
+  """jlora as of git revision ``rev``, as a package named ``jlora_at_<rev>``
+  (every ``jlora`` in its sources renamed), importable beside this tree's."""
+  name = "jlora_at_" + re.sub(r"\W", "_", rev)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  archive = subprocess.run(["git", "-C", repo, "archive", rev, "jlora"], check=True,
+                           capture_output=True).stdout
+  root = tempfile.mkdtemp(prefix="jlora-revision-")
+  with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    tar.extractall(root, filter="data")
+  os.rename(os.path.join(root, "jlora"), os.path.join(root, name))
+  for folder, _, files in os.walk(os.path.join(root, name)):
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(folder, f)
+        with open(path, encoding="utf-8") as src:
+          text = re.sub(r"\bjlora\b", name, src.read())
+        with open(path, "w", encoding="utf-8") as dst:
+          dst.write(text)
+  sys.path.insert(0, root)
+  return importlib.import_module(name)
+
+
+def run_against(cfg: models.ModelConfig, rev: str, n_adapters: tuple[int, ...], rounds: int,
+                decode: bool = True, strategies=("gather", "masked")) -> dict:
+  """This tree's banks against revision ``rev``'s, in one process and rounds."""
+  libs = {"this": jlora, rev: load_revision(rev)}
+  model = models.LinenLM(cfg)
+  params = jax.tree.map(jnp.asarray, {"params": models.to_linen(models.init_params(cfg))})
+  variants = {}
+  shapes = []
+  for n in n_adapters:
+    batch = max(cfg.batch, n)
+    seq = cfg.batch * cfg.seq_len // batch
+    data = models.make_batches(dataclasses.replace(cfg, batch=batch, seq_len=seq), 1)
+    tokens, targets = (jnp.asarray(a[0]) for a in data)
+    shapes.append((n, tokens, targets, jnp.arange(batch, dtype=jnp.int32) % n, True))
+  if decode:
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (64, 1)), jnp.int32)
+    shapes.append(("decode", tokens, None, jnp.arange(64, dtype=jnp.int32) % 16, False))
+  for tag, lib in libs.items():
+    spec = lib.LoraSpec(rank=16, alpha=32, targets=TARGETS)
+    frozen, single = lib.lora_transform(params, spec, key=jax.random.key(0))
+    single = jax.tree_util.tree_map(lambda x: x + 1e-3, single)
+    for n, tokens, targets, ids, steps in shapes:
+      trees = _adapters(params, 16 if n == "decode" else n, lib=lib)[1]
+      _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, (n, tag),
+                   with_steps=steps, lib=lib, strategies=strategies)
+  med = harness.interleaved({k: functools.partial(f, *args) for k, (f, args) in variants.items()},
+                            rounds, block=jax.block_until_ready)
+  rows = []
+  for n, *_ in shapes:
+    for what in ("forward", "step"):
+      if ((n, "this"), "single", what) not in med:
+        continue
+      for how in ("single",) + tuple(strategies):
+        this, then = med[((n, "this"), how, what)], med[((n, rev), how, what)]
+        rows.append({"adapters": n, "what": what, "how": how, "this_ms": this * 1e3,
+                     "rev_ms": then * 1e3, "this_over_rev": this / then,
+                     "ratio_this": this / med[((n, "this"), "single", what)],
+                     "ratio_rev": then / med[((n, rev), "single", what)]})
+  return {"machine": harness.machine(), "machine_info": harness.machine_info(),
+          "jax": jax.__version__, "backend": jax.default_backend(), "rounds": rounds,
+          "against": rev, "rows": rows}
+
+
 def run_peft(cfg: models.ModelConfig, n: int, rounds: int) -> dict:
   """PEFT's mixed-batch inference (adapter_names=) against its single adapter."""
   import peft
@@ -178,9 +258,25 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--peft", action="store_true", help="also time PEFT's mixed batches")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--against", metavar="REV", default=None,
+                  help="time git revision REV's banks beside this tree's, in one process")
   args = ap.parse_args(argv)
   cfg = models.ModelConfig.quick() if args.quick else models.ModelConfig()
   rounds = 2 if args.quick else args.rounds
+  if args.against:
+    res = run_against(cfg, args.against, (4,) if args.quick else (4, 16), rounds,
+                      decode=not args.quick)
+    print(f"jlora banks, this tree against {args.against}, on {res['machine']}, jax "
+          f"{res['jax']} ({res['backend']}), median of {rounds} interleaved rounds; "
+          f"ratio = bank / one adapter of the same tree")
+    print(f"{'adapters':>9}{'what':>9}{'how':>8}{args.against:>12}{'this':>10}{'this/rev':>10}"
+          f"{'ratio rev':>11}{'ratio this':>11}")
+    for row in res["rows"]:
+      print(f"{row['adapters']!s:>9}{row['what']:>9}{row['how']:>8}{row['rev_ms']:>10.1f}ms"
+            f"{row['this_ms']:>8.1f}ms{row['this_over_rev']:>10.3f}{row['ratio_rev']:>11.3f}"
+            f"{row['ratio_this']:>11.3f}")
+    harness.write_json(args.json, res)
+    return res
   res = run(cfg, (4,) if args.quick else (4, 16), rounds, decode=not args.quick)
   print(f"jlora banks on {res['machine']}, jax {res['jax']} ({res['backend']}), "
         f"median of {rounds} interleaved rounds; ratio = bank / one adapter")
