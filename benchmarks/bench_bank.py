@@ -107,6 +107,23 @@ def _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, l
           (bank, txb.init(bank)))
 
 
+def _batches(cfg: models.ModelConfig, n_adapters: tuple[int, ...], decode: bool) -> list:
+  """(label, adapters, tokens, targets, ids) of each mixed batch: the training
+  batches split over n adapters, then (``decode``) one token per example, 64
+  examples over 16 adapters (no targets: forward only)."""
+  out = []
+  for n in n_adapters:
+    batch = max(cfg.batch, n)
+    seq = cfg.batch * cfg.seq_len // batch
+    data = models.make_batches(dataclasses.replace(cfg, batch=batch, seq_len=seq), 1)
+    tokens, targets = (jnp.asarray(a[0]) for a in data)
+    out.append((n, n, tokens, targets, jnp.arange(batch, dtype=jnp.int32) % n))
+  if decode:
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (64, 1)), jnp.int32)
+    out.append(("decode", 16, tokens, None, jnp.arange(64, dtype=jnp.int32) % 16))
+  return out
+
+
 def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int,
         decode: bool = True) -> dict:
   model = models.LinenLM(cfg)
@@ -115,25 +132,13 @@ def run(cfg: models.ModelConfig, n_adapters: tuple[int, ...], rounds: int,
   frozen, single = jlora.lora_transform(params, spec, key=jax.random.key(0))
   single = jax.tree_util.tree_map(lambda x: x + 1e-3, single)
   results, variants = {}, {}
-  platform_name = jax.default_backend()
-  for n in n_adapters:
-    batch = max(cfg.batch, n)
-    seq = cfg.batch * cfg.seq_len // batch
-    data = models.make_batches(dataclasses.replace(cfg, batch=batch, seq_len=seq), 1)
-    tokens, targets = (jnp.asarray(a[0]) for a in data)
-    ids = jnp.arange(batch, dtype=jnp.int32) % n
+  for label, n, tokens, targets, ids in _batches(cfg, n_adapters, decode):
     _mixed_batch(model, frozen, single, _adapters(params, n)[1], tokens, targets, ids,
-                 variants, n)
-    results[n] = {"batch": batch, "seq": seq, "auto": jlora.interpret.bank_term.choose(
-        "auto", examples=batch, rows=batch * seq, adapters=n, rank=16, platform=platform_name)}
-  if decode:   # one token per example, 64 examples over 16 adapters
-    n, batch = 16, 64
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (batch, 1)), jnp.int32)
-    ids = jnp.arange(batch, dtype=jnp.int32) % n
-    _mixed_batch(model, frozen, single, _adapters(params, n)[1], tokens, None, ids, variants,
-                 "decode", with_steps=False)
-    results["decode"] = {"batch": batch, "seq": 1, "auto": jlora.interpret.bank_term.choose(
-        "auto", examples=batch, rows=batch, adapters=n, rank=16, platform=platform_name)}
+                 variants, label, with_steps=targets is not None)
+    batch, seq = tokens.shape
+    results[label] = {"batch": batch, "seq": seq, "auto": jlora.interpret.bank_term.choose(
+        "auto", examples=batch, rows=batch * seq, adapters=n, rank=16,
+        platform=jax.default_backend())}
 
   med = harness.interleaved({k: functools.partial(f, *args) for k, (f, args) in variants.items()},
                             rounds, block=jax.block_until_ready)
@@ -183,29 +188,20 @@ def run_against(cfg: models.ModelConfig, rev: str, n_adapters: tuple[int, ...], 
   libs = {"this": jlora, rev: load_revision(rev)}
   model = models.LinenLM(cfg)
   params = jax.tree.map(jnp.asarray, {"params": models.to_linen(models.init_params(cfg))})
+  batches = _batches(cfg, n_adapters, decode)
   variants = {}
-  shapes = []
-  for n in n_adapters:
-    batch = max(cfg.batch, n)
-    seq = cfg.batch * cfg.seq_len // batch
-    data = models.make_batches(dataclasses.replace(cfg, batch=batch, seq_len=seq), 1)
-    tokens, targets = (jnp.asarray(a[0]) for a in data)
-    shapes.append((n, tokens, targets, jnp.arange(batch, dtype=jnp.int32) % n, True))
-  if decode:
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (64, 1)), jnp.int32)
-    shapes.append(("decode", tokens, None, jnp.arange(64, dtype=jnp.int32) % 16, False))
   for tag, lib in libs.items():
     spec = lib.LoraSpec(rank=16, alpha=32, targets=TARGETS)
     frozen, single = lib.lora_transform(params, spec, key=jax.random.key(0))
     single = jax.tree_util.tree_map(lambda x: x + 1e-3, single)
-    for n, tokens, targets, ids, steps in shapes:
-      trees = _adapters(params, 16 if n == "decode" else n, lib=lib)[1]
-      _mixed_batch(model, frozen, single, trees, tokens, targets, ids, variants, (n, tag),
-                   with_steps=steps, lib=lib, strategies=strategies)
+    for label, n, tokens, targets, ids in batches:
+      _mixed_batch(model, frozen, single, _adapters(params, n, lib=lib)[1], tokens, targets,
+                   ids, variants, (label, tag), with_steps=targets is not None, lib=lib,
+                   strategies=strategies)
   med = harness.interleaved({k: functools.partial(f, *args) for k, (f, args) in variants.items()},
                             rounds, block=jax.block_until_ready)
   rows = []
-  for n, *_ in shapes:
+  for n, *_ in batches:
     for what in ("forward", "step"):
       if ((n, "this"), "single", what) not in med:
         continue
