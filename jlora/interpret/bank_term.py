@@ -18,9 +18,10 @@ batch that mixes adapters; all give each row exactly its adapter's
   then one matmul with all B's stacked: n times the low-rank FLOPs, but two
   plain matmuls and no copies; for few adapters and few tokens per example
   (decoding on a CPU). Its gradient (a custom VJP, so reverse mode only) sums
-  each example's share into its own adapter. Without a gradient it checks
-  its output, not the factors: only a non-finite output reruns the layer in
-  the isolating form (see the note above ``_masked_checked``).
+  each example's share into its own adapter. Without a gradient it does not
+  sanitise the factors: it checks its output (or, for long batches, the
+  factors) and only a non-finite value reruns the layer in the isolating
+  form (see the note above ``_masked_checked``).
 
 Every way isolates adapters, forward and backward: a row's output, and an
 adapter's gradient, never depend on the values of adapters the row (or, for
@@ -276,10 +277,18 @@ def _masked_matmuls(x: jax.Array, a_all: jax.Array, b_all: jax.Array, sel: jax.A
                      pet)[0]
 
 
-def _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, examples, n, precision, pet):
+def _own_matmuls(x: jax.Array, a_all: jax.Array, b_all: jax.Array, sel: jax.Array,
+                 col_scale: jax.Array, precision: Any, pet: Any
+                 ) -> tuple[jax.Array, jax.Array]:
+  """x through all adapters' A, each row's own columns selected and scaled
+  (the rank-r intermediate, returned too), then through all B's."""
   xa = dot_lib.matmul(x, a_all, precision, pet)
   xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
-  low = dot_lib.matmul(xa, b_all, precision, pet)
+  return dot_lib.matmul(xa, b_all, precision, pet), xa
+
+
+def _masked_fwd(x, a_all, b_all, sel, col_scale, row_index, examples, n, precision, pet):
+  low, xa = _own_matmuls(x, a_all, b_all, sel, col_scale, precision, pet)
   return low, (x, a_all, b_all, sel, col_scale, row_index, xa)
 
 
@@ -348,9 +357,7 @@ def _masked_checked(x: jax.Array, a: jax.Array, b: jax.Array, row_index: jax.Arr
   def plain():
     a_all = axes_lib.transpose(a, (1, 0, 2)).reshape(k, n * r)
     sel, col_scale = _columns(row_index, row_valid, scales, r)
-    xa = dot_lib.matmul(x, a_all, precision, pet)
-    xa = jnp.where(sel, xa * col_scale.astype(xa.dtype), jnp.zeros((), xa.dtype))
-    return dot_lib.matmul(xa, b.reshape(n * r, -1), precision, pet)
+    return _own_matmuls(x, a_all, b.reshape(n * r, -1), sel, col_scale, precision, pet)[0]
 
   # sum(t * 0) is 0 exactly when every entry of t is finite, and never
   # overflows. Whichever is smaller is checked: the output (few rows,
