@@ -258,7 +258,7 @@ def main(argv=None):
                   help="time git revision REV's banks beside this tree's, in one process")
   args = ap.parse_args(argv)
   cfg = models.ModelConfig.quick() if args.quick else models.ModelConfig()
-  rounds = 2 if args.quick else args.rounds
+  rounds = min(args.rounds, 2) if args.quick else args.rounds   # --quick caps --rounds at 2
   if args.against:
     res = run_against(cfg, args.against, (4,) if args.quick else (4, 16), rounds,
                       decode=not args.quick)
