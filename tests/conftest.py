@@ -20,6 +20,12 @@ failure-injection zygotes, the multi-process workers, the benchmark scripts):
   program that several tests, workers or subprocesses compile is compiled once.
   It starts empty and is removed at the end, so no run sees another's results.
 
+* With ``--dist loadfile`` (as ``.ci/run`` runs the suite), the files that
+  compare with PyTorch, PEFT, transformers or bitsandbytes (``TORCH_FILES``)
+  go to one worker as one unit, so the other workers never import those
+  libraries (about 8 s of CPU each). Those files import them at first use
+  (``tests/lazy.py``): every worker collects every file.
+
 A variable set by the caller wins: ``JLORA_TEST_XLA_DEFAULTS=1`` keeps XLA's own
 optimisation level (to check a failure does not depend on it), and an exported
 ``JAX_COMPILATION_CACHE_DIR`` is used and left in place.
@@ -30,6 +36,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _OWN_CACHE_ENV = "JLORA_TEST_OWN_CACHE"
 
@@ -54,6 +62,31 @@ def _configure_environment() -> None:
 
 
 _configure_environment()
+
+
+# The test files that import PyTorch (directly, or through PEFT, transformers
+# or bitsandbytes); a new one belongs here, and imports them with tests/lazy.py.
+TORCH_FILES = frozenset({
+    "test_bnb.py", "test_gpt2_flax.py", "test_hf.py", "test_hf_tunix.py", "test_inits.py",
+    "test_optim.py", "test_peft_bank.py", "test_peft_fused.py", "test_peft_gemma.py",
+    "test_peft_hf.py", "test_peft_kinds.py", "test_peft_torch.py", "test_peft_tunix.py",
+    "test_quant.py",
+})
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)   # optional: runs without pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+  """``--dist loadfile``, with ``TORCH_FILES`` as one unit of work."""
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  class TorchFilesTogether(LoadFileScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      path = nodeid.split("::", 1)[0]
+      return "PyTorch's files" if os.path.basename(path) in TORCH_FILES else path
+
+  return TorchFilesTogether(config, log)
 
 
 def pytest_unconfigure(config):

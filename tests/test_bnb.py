@@ -36,16 +36,24 @@ import pytest
 import jlora
 from jlora import cli
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-bnb_f = pytest.importorskip("bitsandbytes.functional")
-if not hasattr(transformers, "FlaxLlamaForCausalLM"):
-  pytest.skip("transformers >= 5 has no Flax models", allow_module_level=True)
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
-from safetensors import safe_open  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-from safetensors.torch import save_file as torch_save_file  # noqa: E402
+from lazy import lazy, skip_without
+
+torch = lazy("torch")
+transformers = lazy("transformers")
+peft = lazy("peft")
+bnb_f = lazy("bitsandbytes.functional")
+safetensors_torch = lazy("safetensors.torch")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_flax_models():
+  skip_without(transformers, "FlaxLlamaForCausalLM", "transformers >= 5 has no Flax models")
+  pytest.importorskip("peft")
+  pytest.importorskip("bitsandbytes.functional")
+
 
 RULES = jlora.peft.Rules.llama()
 PROJ = ["self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
@@ -264,7 +272,7 @@ def synth(tmp_path_factory):
                      "down": {"kernel": jax.ShapeDtypeStruct((STACK, 24, 16), jnp.float32)},
                      "norm": {"weight": jax.ShapeDtypeStruct((STACK, 16), jnp.float32)}}}
   f = tmp / "model.safetensors"
-  torch_save_file(tensors, str(f), metadata={"format": "pt"})
+  safetensors_torch.save_file(tensors, str(f), metadata={"format": "pt"})
   return dict(tmp=tmp, file=f, tensors=tensors, weights=weights, like=like)
 
 
@@ -308,7 +316,7 @@ def _damaged(synth, tmp_path, change):
   tensors = {k: v.clone() for k, v in synth["tensors"].items()}
   change(tensors)
   f = tmp_path / "model.safetensors"
-  torch_save_file(tensors, str(f), metadata={"format": "pt"})
+  safetensors_torch.save_file(tensors, str(f), metadata={"format": "pt"})
   return f
 
 
@@ -383,7 +391,8 @@ def test_zero_and_tiny_blocks_pass_the_absmax_checks(tmp_path, dq):
   w[:20] = 0
   w[30:40] *= 1e-4
   tensors = _bnb_entries("fc.weight", w, 64, dq)
-  torch_save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"),
+                              metadata={"format": "pt"})
   q = jlora.bnb.load(tmp_path / "model.safetensors",
                      {"fc": {"kernel": jax.ShapeDtypeStruct((256, 64), jnp.float32)}},
                      jlora.peft.Rules.generic())["fc"]["kernel"]
@@ -406,7 +415,7 @@ def test_a_sharded_checkpoint(synth, tmp_path):
   shards = {"model-00001-of-00002.safetensors": keys[::2],
             "model-00002-of-00002.safetensors": keys[1::2]}
   for name, part in shards.items():
-    torch_save_file({k: tensors[k] for k in part}, str(tmp_path / name),
+    safetensors_torch.save_file({k: tensors[k] for k in part}, str(tmp_path / name),
                     metadata={"format": "pt"})
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
       {"metadata": {}, "weight_map": {k: n for n, part in shards.items() for k in part}}))

@@ -3,19 +3,25 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from gpt2_flax import (  # noqa: E402
+from gpt2_flax import (
     GPT2LMHeadModel,
     config_from_hf,
     make_tiny_torch_gpt2,
     params_from_torch,
     peft_module_name,
 )
+from lazy import lazy
+
+torch = lazy("torch")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_torch():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

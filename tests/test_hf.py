@@ -22,9 +22,18 @@ import jlora
 import jlora.hf
 from jlora.hf.tensors import Checkpoint
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+from lazy import lazy
+
+torch = lazy("torch")
+safetensors_torch = lazy("safetensors.torch")
+bnb_functional = lazy("bitsandbytes.functional")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_torch_and_bitsandbytes():
+  for name in ("torch", "safetensors.torch", "bitsandbytes.functional"):
+    pytest.importorskip(name)
+
 
 D, N, H, K, FF, V = 64, 2, 32, 1, 128, 16
 # A Tunix-format table: q (out, in) -> (D, N, H); k and v -> slices 0, 1 of kv (2, K, D, H)
@@ -42,7 +51,8 @@ MAPPING = jlora.hf.Mapping(
 LINEAR = {"q": (N * H, D), "k": (K * H, D), "v": (K * H, D), "up": (FF, D)}
 
 
-def torch_weights(dtype=torch.float32, seed=0):
+def torch_weights(dtype=None, seed=0):
+  dtype = torch.float32 if dtype is None else dtype
   g = torch.Generator().manual_seed(seed)
   w = {"model.embed.weight": torch.randn(V, D, generator=g),
        "model.norm.weight": torch.randn(D, generator=g),
@@ -87,13 +97,11 @@ def reference(w):
           "layers": {"0": layer(0), "1": layer(1)}}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_dense_sharded_checkpoint_in_each_dtype(dtype, tmp_path):
-  w = torch_weights(dtype)
+  w = torch_weights(getattr(torch, dtype))
   got = jlora.hf.load(write(tmp_path / "ckpt", w), like(), mapping=MAPPING)
-  want_dtype = {torch.float32: jnp.float32, torch.float16: jnp.float16,
-                torch.bfloat16: jnp.bfloat16}[dtype]
-  assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype(want_dtype)}
+  assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype(dtype)}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b),
                got, reference(w))
   cast = jlora.hf.load(tmp_path / "ckpt", like(), mapping=MAPPING, dtype=jnp.float32)
@@ -220,10 +228,10 @@ def test_missing_shard(tmp_path):
   _one_line(e)
 
 
-@pytest.mark.parametrize("dtype,kind", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.int32, "I32")])
+@pytest.mark.parametrize("dtype,kind", [("float8_e4m3fn", "F8_E4M3"), ("int32", "I32")])
 def test_dtype_it_cannot_read(dtype, kind, tmp_path):
   w = torch_weights()
-  w["model.norm.weight"] = w["model.norm.weight"].to(dtype)
+  w["model.norm.weight"] = w["model.norm.weight"].to(getattr(torch, dtype))
   d = write(tmp_path / "ckpt", w)
   with pytest.raises(jlora.LoraFileError, match=rf"'model.norm.weight' is {kind}; jlora reads "
                      r"parameters in BF16, F16, F32") as e:

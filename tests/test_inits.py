@@ -11,8 +11,16 @@ import pytest
 import jlora
 from reference import max_abs_diff, normal
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from lazy import lazy
+
+torch = lazy("torch")
+peft = lazy("peft")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_torch_and_peft():
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
 
 
 def _peft_init(weight_out_in: np.ndarray, init: str, r=3, alpha=6):

@@ -12,11 +12,12 @@ import pytest
 
 import jlora
 from jlora import cli
+from lazy import lazy
+from test_peft_hf import _models, _needs_flax_models, _randomize  # noqa: F401  (the fixture skips)
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-from test_peft_hf import _models, _randomize  # noqa: E402  (transformers' models, PEFT weights)
+torch = lazy("torch")
+peft = lazy("peft")
+transformers = lazy("transformers")
 
 NAMES = ["__base__", "math", "code", "math"]     # PEFT's name for "no adapter" first
 

@@ -12,6 +12,8 @@ held to ``Gemma3ForCausalLM`` in ``tests/test_peft_tunix.py``.)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +22,10 @@ import pytest
 import jlora
 from jlora.errors import LoraPeftError
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from lazy import lazy
+
+torch = lazy("torch")
+peft = lazy("peft")
 
 D, K, H, B = 12, 2, 4, 3
 KV = jlora.Layout((2,), (0, 1, 3))
@@ -29,23 +33,34 @@ RULES = jlora.peft.Rules(patterns=[("attn/kv", "attn.k_proj+v_proj")], kernel_le
                          layouts={r"attn/kv/w": KV})
 
 
-class Attn(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.k_proj = torch.nn.Linear(D, K * H, bias=False)
-    self.v_proj = torch.nn.Linear(D, K * H, bias=False)
-
-  def forward(self, x):
-    return torch.cat([self.k_proj(x), self.v_proj(x)], -1)
+@pytest.fixture(autouse=True, scope="module")
+def _needs_torch_and_peft():
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
 
 
-class Net(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.attn = Attn()
+@functools.cache
+def _net_class():
+  """The PyTorch model: a ``torch.nn.Module``, so defined once torch is imported."""
 
-  def forward(self, x):
-    return self.attn(x)
+  class Attn(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.k_proj = torch.nn.Linear(D, K * H, bias=False)
+      self.v_proj = torch.nn.Linear(D, K * H, bias=False)
+
+    def forward(self, x):
+      return torch.cat([self.k_proj(x), self.v_proj(x)], -1)
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.attn = Attn()
+
+    def forward(self, x):
+      return self.attn(x)
+
+  return Net
 
 
 def fn(params, x):
@@ -64,7 +79,7 @@ def base():
 
 
 def torch_net(params):
-  net = Net()
+  net = _net_class()()
   w = np.asarray(params["attn"]["kv"]["w"])          # (2, K, D, H) -> (K*H, D) each
   with torch.no_grad():
     for i, m in enumerate([net.attn.k_proj, net.attn.v_proj]):

@@ -30,46 +30,56 @@ import pytest
 import jlora
 from jlora import cli
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
-  pytest.skip("transformers >= 5 has no Flax models", allow_module_level=True)
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
+from lazy import lazy, skip_without
+
+torch = lazy("torch")
+peft = lazy("peft")
+transformers = lazy("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_flax_models():
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  skip_without(transformers, "FlaxGPT2LMHeadModel", "transformers >= 5 has no Flax models")
+
 
 SMALL = dict(vocab_size=32)
+# Each model: transformers' PyTorch and Flax classes by name, and the
+# arguments of its config class (transformers is imported when a test runs).
 MODELS = {
     "gpt2": dict(
-        torch=transformers.GPT2LMHeadModel, flax=transformers.FlaxGPT2LMHeadModel,
-        config=transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=16, **SMALL),
+        torch="GPT2LMHeadModel", flax="FlaxGPT2LMHeadModel",
+        config=("GPT2Config", dict(n_embd=16, n_layer=2, n_head=2, n_positions=16, **SMALL)),
         rules=jlora.peft.Rules.gpt2, cli="gpt2",
         targets=["c_attn", "c_fc", "mlp.c_proj"], saved=["h.0.attn.c_proj"], fan_in_fan_out=True,
         flax_targets=r".*/(c_attn|c_fc|mlp/c_proj)/kernel", flax_saved=r".*/h/0/attn/c_proj/.*"),
     "llama": dict(
-        torch=transformers.LlamaForCausalLM, flax=transformers.FlaxLlamaForCausalLM,
-        config=transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1,
-                                        max_position_embeddings=16, **SMALL),
+        torch="LlamaForCausalLM", flax="FlaxLlamaForCausalLM",
+        config=("LlamaConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=16, **SMALL)),
         rules=jlora.peft.Rules.llama, cli="llama",
         targets=["q_proj", "v_proj", "down_proj"], saved=["layers.0.self_attn.o_proj"],
         flax_targets=r".*/(q_proj|v_proj|down_proj)/kernel",
         flax_saved=r".*/layers/0/self_attn/o_proj/.*"),
     "mistral": dict(
-        torch=transformers.MistralForCausalLM, flax=transformers.FlaxMistralForCausalLM,
-        config=transformers.MistralConfig(hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=2, num_attention_heads=2,
-                                          num_key_value_heads=1, max_position_embeddings=16,
-                                          **SMALL),
+        torch="MistralForCausalLM", flax="FlaxMistralForCausalLM",
+        config=("MistralConfig", dict(hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=16,
+                                      **SMALL)),
         rules=jlora.peft.Rules.llama, cli="llama",
         targets=["k_proj", "o_proj", "gate_proj"], saved=["layers.1.self_attn.q_proj"],
         flax_targets=r".*/(k_proj|o_proj|gate_proj)/kernel",
         flax_saved=r".*/layers/1/self_attn/q_proj/.*"),
     "bert": dict(
-        torch=transformers.BertForMaskedLM, flax=transformers.FlaxBertForMaskedLM,
-        config=transformers.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, max_position_embeddings=16,
-                                       **SMALL),
+        torch="BertForMaskedLM", flax="FlaxBertForMaskedLM",
+        config=("BertConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, max_position_embeddings=16,
+                                   **SMALL)),
         rules=jlora.peft.Rules.bert, cli="bert",
         targets=["query", "value"], saved=["layer.0.attention.output.dense"],
         flax_targets=r".*/(query|value)/kernel",
@@ -79,10 +89,13 @@ MODELS = {
 
 def _models(name):
   """(case, torch model, Flax model, Flax params holding the torch weights)."""
-  m = MODELS[name]
+  m = dict(MODELS[name])
+  config_class, config_args = m["config"]
+  m["config"] = getattr(transformers, config_class)(**config_args)
   torch.manual_seed(0)
-  tm = m["torch"](m["config"]).eval()
-  fm = m["flax"](m["config"], _do_init=False)     # no (slow, eager) random init
+  tm = getattr(transformers, m["torch"])(m["config"]).eval()
+  # _do_init=False: no (slow, eager) random init
+  fm = getattr(transformers, m["flax"])(m["config"], _do_init=False)
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
   flat = {}
   for path, shape in flatten_dict(fm.params_shape_tree).items():

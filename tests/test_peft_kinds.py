@@ -18,26 +18,31 @@ PEFT or a transformers that has Flax models.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jlora
 from jlora.peft import kinds
+from lazy import lazy, skip_without
+from test_peft_hf import _flax_logits, _load_in_peft, _models, _randomize, _torch_logits
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-if not hasattr(transformers, "FlaxLlamaForCausalLM"):
-  pytest.skip("transformers >= 5 has no Flax models", allow_module_level=True)
+torch = lazy("torch")
+peft = lazy("peft")
+transformers = lazy("transformers")
 
-from flax import linen as nn  # noqa: E402
-from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
-from test_peft_hf import (_flax_logits, _load_in_peft, _models, _randomize,  # noqa: E402
-                          _torch_logits)
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_flax_models():
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  skip_without(transformers, "FlaxLlamaForCausalLM", "transformers >= 5 has no Flax models")
 
 IDS = np.random.default_rng(0).integers(0, 32, size=(2, 8), dtype=np.int64)
 
@@ -181,16 +186,22 @@ def test_dora_on_gpt2_conv1d_from_peft(tmp_path):
                              _torch_logits(pm, IDS), atol=1e-4)
 
 
-class TorchCNN(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-    self.conv2 = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)
-    self.head = torch.nn.Linear(6 * 4 * 4, 5)
+@functools.cache
+def _torch_cnn_class():
+  """A ``torch.nn.Module``, so defined once torch is imported."""
 
-  def forward(self, x):                       # x NCHW; flattened NHWC, as Flax
-    x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-    return self.head(x.permute(0, 2, 3, 1).flatten(1))
+  class TorchCNN(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+      self.conv2 = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)
+      self.head = torch.nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):                       # x NCHW; flattened NHWC, as Flax
+      x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+      return self.head(x.permute(0, 2, 3, 1).flatten(1))
+
+  return TorchCNN
 
 
 class FlaxCNN(nn.Module):
@@ -204,7 +215,7 @@ class FlaxCNN(nn.Module):
 @pytest.mark.parametrize("dora", [False, True])
 def test_conv2d_both_ways(tmp_path, dora):
   torch.manual_seed(0)
-  tm = TorchCNN().eval()
+  tm = _torch_cnn_class()().eval()
   sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
   params = {"params": {
       name: {"kernel": jnp.asarray(sd[f"{name}.weight"].transpose(2, 3, 1, 0) if "conv" in name
@@ -243,37 +254,43 @@ def test_conv2d_both_ways(tmp_path, dora):
 E, D, F = 3, 6, 10
 
 
-class Experts(torch.nn.Module):
-  """Fused experts as transformers' MoE layers hold them: bare (E, in, out) parameters."""
+@functools.cache
+def _torch_moe_class():
+  """``torch.nn.Module`` classes, so defined once torch is imported."""
 
-  def __init__(self):
-    super().__init__()
-    self.up = torch.nn.Parameter(0.3 * torch.randn(E, D, F))
-    self.down = torch.nn.Parameter(0.3 * torch.randn(E, F, D))
+  class Experts(torch.nn.Module):
+    """Fused experts as transformers' MoE layers hold them: bare (E, in, out) parameters."""
 
-  def forward(self, x, ids):
-    h = torch.relu(torch.einsum("nd,ndf->nf", x, self.up[ids]))
-    return torch.einsum("nf,nfd->nd", h, self.down[ids])
+    def __init__(self):
+      super().__init__()
+      self.up = torch.nn.Parameter(0.3 * torch.randn(E, D, F))
+      self.down = torch.nn.Parameter(0.3 * torch.randn(E, F, D))
 
-
-class Proj(torch.nn.Module):
-  is_transposed = True                        # PEFT reads w as (E, out, in)
-
-  def __init__(self):
-    super().__init__()
-    self.w = torch.nn.Parameter(0.3 * torch.randn(E, 4, D))
-
-  def forward(self, x, ids):
-    return torch.einsum("nd,nod->no", x, self.w[ids])
+    def forward(self, x, ids):
+      h = torch.relu(torch.einsum("nd,ndf->nf", x, self.up[ids]))
+      return torch.einsum("nf,nfd->nd", h, self.down[ids])
 
 
-class MoE(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.experts, self.proj = Experts(), Proj()
+  class Proj(torch.nn.Module):
+    is_transposed = True                        # PEFT reads w as (E, out, in)
 
-  def forward(self, x, ids):
-    return self.proj(self.experts(x, ids), ids)
+    def __init__(self):
+      super().__init__()
+      self.w = torch.nn.Parameter(0.3 * torch.randn(E, 4, D))
+
+    def forward(self, x, ids):
+      return torch.einsum("nd,nod->no", x, self.w[ids])
+
+
+  class MoE(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.experts, self.proj = Experts(), Proj()
+
+    def forward(self, x, ids):
+      return self.proj(self.experts(x, ids), ids)
+
+  return MoE
 
 
 def moe_fn(p, x, ids):
@@ -288,7 +305,7 @@ def moe_fn(p, x, ids):
 
 def test_fused_experts_both_ways(tmp_path):
   torch.manual_seed(0)
-  tm = MoE().eval()
+  tm = _torch_moe_class()().eval()
   params = {"experts": {"up": jnp.asarray(tm.experts.up.detach().numpy()),
                         "down": jnp.asarray(tm.experts.down.detach().numpy())},
             "proj": {"w": jnp.asarray(tm.proj.w.detach().numpy())}}

@@ -26,7 +26,13 @@ import jlora.quant.nf4
 from jlora.quant import nf4
 from reference import bnb_dequantize, bnb_quantize
 
-pytest.importorskip("bitsandbytes")
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_bitsandbytes():
+  # Imported by the tests that compare with it (reference.bnb_*), not here:
+  # collecting this file then costs no PyTorch import (see tests/lazy.py).
+  pytest.importorskip("bitsandbytes")
+
 
 # (out, in) of the PyTorch weight: multiples of the block size, sizes that are
 # not (a short last block), an odd element count (a padded last byte), and
