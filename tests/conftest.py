@@ -20,15 +20,15 @@ failure-injection zygotes, the multi-process workers, the benchmark scripts):
   program that several tests, workers or subprocesses compile is compiled once.
   It starts empty and is removed at the end, so no run sees another's results.
 
-* With ``--dist loadfile`` (as ``.ci/run`` runs the suite), the files that
-  compare with PyTorch, PEFT, transformers or bitsandbytes (``TORCH_FILES``)
-  go to one worker as one unit, so the other workers never import those
-  libraries (about 8 s of CPU each). Those files import them at first use
-  (``tests/lazy.py``): every worker collects every file.
-
 A variable set by the caller wins: ``JLORA_TEST_XLA_DEFAULTS=1`` keeps XLA's own
 optimisation level (to check a failure does not depend on it), and an exported
 ``JAX_COMPILATION_CACHE_DIR`` is used and left in place.
+
+With ``--dist loadfile`` (as ``.ci/run`` runs the suite), the files that
+compare with PyTorch, PEFT, transformers or bitsandbytes (``TORCH_FILES``) go
+to one worker as one unit, so the other workers never import those libraries
+(about 8 s of CPU each). Every worker collects every file, so those files
+import them at first use (``tests/lazy.py``).
 """
 
 from __future__ import annotations

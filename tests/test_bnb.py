@@ -32,13 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jlora
-from jlora import cli
-
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+import jlora
+from jlora import cli
 from lazy import lazy, skip_without
 
 torch = lazy("torch")
@@ -50,6 +48,7 @@ safetensors_torch = lazy("safetensors.torch")
 
 @pytest.fixture(autouse=True, scope="module")
 def _needs_flax_models():
+  pytest.importorskip("torch")
   skip_without(transformers, "FlaxLlamaForCausalLM", "transformers >= 5 has no Flax models")
   pytest.importorskip("peft")
   pytest.importorskip("bitsandbytes.functional")

@@ -1,10 +1,9 @@
 """The Flax GPT-2 in gpt2_flax.py computes the same logits as transformers' GPT2LMHeadModel."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from gpt2_flax import (
     GPT2LMHeadModel,

@@ -21,7 +21,6 @@ import pytest
 import jlora
 import jlora.hf
 from jlora.hf.tensors import Checkpoint
-
 from lazy import lazy
 
 torch = lazy("torch")

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 import jlora
-from reference import max_abs_diff, normal
-
 from lazy import lazy
+from reference import max_abs_diff, normal
 
 torch = lazy("torch")
 peft = lazy("peft")

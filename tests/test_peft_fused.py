@@ -21,7 +21,6 @@ import pytest
 
 import jlora
 from jlora.errors import LoraPeftError
-
 from lazy import lazy
 
 torch = lazy("torch")

@@ -44,6 +44,7 @@ def _needs_flax_models():
   pytest.importorskip("peft")
   skip_without(transformers, "FlaxLlamaForCausalLM", "transformers >= 5 has no Flax models")
 
+
 IDS = np.random.default_rng(0).integers(0, 32, size=(2, 8), dtype=np.int64)
 
 
