@@ -30,20 +30,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jlora
 from jlora.peft import kinds
-from lazy import lazy, skip_without
-from test_peft_hf import _flax_logits, _load_in_peft, _models, _randomize, _torch_logits
+from lazy import lazy
+from test_peft_hf import (_flax_logits, _load_in_peft, _models,  # noqa: F401  (the fixture skips)
+                          _needs_flax_models, _randomize, _torch_logits)
 
 torch = lazy("torch")
 peft = lazy("peft")
 transformers = lazy("transformers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _needs_flax_models():
-  pytest.importorskip("torch")
-  pytest.importorskip("peft")
-  skip_without(transformers, "FlaxLlamaForCausalLM", "transformers >= 5 has no Flax models")
-
 
 IDS = np.random.default_rng(0).integers(0, 32, size=(2, 8), dtype=np.int64)
 
