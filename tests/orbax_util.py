@@ -50,8 +50,16 @@ def assert_trees_equal(got, want):
 
 
 def dir_bytes(path):
-  return sum(os.path.getsize(f) for f in glob.glob(f"{path}/**", recursive=True)
-             if os.path.isfile(f))
+  """Bytes of the files under ``path``, which a writer may be changing: a file
+  listed and then removed (orbax's lock files, a rename) counts as 0."""
+  total = 0
+  for f in glob.glob(f"{path}/**", recursive=True):
+    try:
+      if os.path.isfile(f):
+        total += os.path.getsize(f)
+    except FileNotFoundError:
+      pass
+  return total
 
 
 def worker_cmd(*args):
